@@ -327,7 +327,9 @@ class SpeechTokenizerConfig:
     encoder_valid_num_quantizers: int = 16
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "speech_tokenizer/config.json") -> SpeechTokenizerConfig:
+    def from_dict(
+        cls, d: Mapping[str, Any], where: str = "speech_tokenizer/config.json"
+    ) -> SpeechTokenizerConfig:
         model_type = d.get("model_type", "qwen3_tts_tokenizer_12hz")
         if model_type != "qwen3_tts_tokenizer_12hz":
             raise ConfigError(f"{where}: model_type {model_type!r} is not the 12 Hz speech tokenizer")
@@ -349,7 +351,9 @@ def read_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (is this a Qwen3-TTS-12Hz checkpoint directory?)") from None
+        raise ConfigError(
+            f"{path}: file not found (is this a Qwen3-TTS-12Hz checkpoint directory?)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):

@@ -81,7 +81,8 @@ class TextTokenizer:
         try:
             vocab_map: dict[str, int] = json.loads(vocab.read_text(encoding="utf-8"))
             merge_pairs = [
-                tuple(line.split(" ")) for line in merges.read_text(encoding="utf-8").splitlines()
+                tuple(line.split(" "))
+                for line in merges.read_text(encoding="utf-8").splitlines()
                 if line and not line.startswith("#version")
             ]
         except (OSError, ValueError) as e:

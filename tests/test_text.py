@@ -13,10 +13,7 @@ from engine.text import TextCommitter, TextTokenizer, TokenizerError
 # Characters chosen to hit every branch of the Qwen2 pre-tokenizer regex: letters, digits,
 # contractions, punctuation runs, every kind of whitespace run, combining marks (NFC), Hangul
 # jamo (compose under NFC), CJK and emoji.
-ALPHABET = list("abcXYZ 019'\"sStTlLdDmMrRvVeE.,!?-\n\r\t") + [
-    "  ", "\n\n", " \n", "'ll", "'re", "e\u0301", "\u0301", "\u0327", "\u1100", "\u1161", "\u11a8",
-    "日本", "語", "😀", "é", "ß", "İ", "\u00a0", "...", "$5", "3.14",
-]
+ALPHABET = [*list("abcXYZ 019'\"sStTlLdDmMrRvVeE.,!?-\n\r\t"), "  ", "\n\n", " \n", "'ll", "'re", "é", "́", "̧", "ᄀ", "ᅡ", "ᆨ", "日本", "語", "😀", "é", "ß", "İ", "\xa0", "...", "$5", "3.14"]
 
 
 def stream(tok: TextTokenizer, deltas: list[str]) -> list[int]:
@@ -105,5 +102,5 @@ def test_missing_tokenizer_files(tmp_path) -> None:
         TextTokenizer.from_dir(tmp_path)
     (tmp_path / "vocab.json").write_text("{not json")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(TokenizerError, match="cannot read vocab.json/merges.txt"):
+    with pytest.raises(TokenizerError, match=r"cannot read vocab\.json/merges\.txt"):
         TextTokenizer.from_dir(tmp_path)

@@ -1,0 +1,764 @@
+"""The engine: one worker thread owns the model and steps every ready stream together.
+
+Each iteration of the worker (`Engine.step`):
+1. housekeeping under the lock: drop cancelled streams and free their slots, apply idle
+   flushes, admit queued streams into free slots, finish streams whose text ended;
+2. prefill at most one waiting stream whose utterance has enough text (one step's worth of
+   work, so a newcomer never holds the others up for longer);
+3. code predictor: every stream whose frame has its codebook-0 code gets codebooks 1..15, in
+   one batched pass. This needs no text, so a stream's audio for frame k goes out even while
+   it waits for the text token of step k;
+4. codec: every stream whose next chunk is due (its `chunk_schedule`) is decoded, batched by
+   chunk size, and the chunks are queued for the consumer;
+5. talker: every stream whose next text-track input is known steps once, in one batched
+   forward over its KV-cache rows; a stream whose next text token has not arrived **stalls**.
+
+Slots: a stream holds one row of the talker's static KV cache from admission to its end. Rows
+of live streams are kept compact (0..n-1) by moving the last row into a freed one, so a step
+runs on a contiguous row range without gathering caches; rows in the range that sit the step
+out are computed and discarded (their writes land past their own length).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.checkpoint import Checkpoint, load_checkpoint
+from engine.prompt import (
+    Prefill,
+    Slot,
+    TextMode,
+    VoiceSpec,
+    build_prefill,
+    instruct_ids,
+    prefill_needs,
+    queue_prefix,
+    resolve_language,
+    role_ids,
+)
+from engine.sampling import MIN_NEW_TOKENS, RowSampler, SamplingParams, suppress_mask, talker_processors
+from engine.stream import AudioChunk, State, Stream, Utterance
+from engine.text import TextCommitter, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SCHEDULE = (1, 2, 4, 8)
+MAX_CHUNK_FRAMES = 64
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's request errors."""
+
+
+class VoiceError(EngineError, ValueError):
+    """Unknown voice, or a voice this model cannot use."""
+
+
+class OverloadedError(EngineError):
+    """Too many open streams: the admission queue is full."""
+
+
+@dataclass(frozen=True)
+class ResolvedVoice:
+    spec: VoiceSpec | None
+    xvector: Tensor | None = None  # [H] for Base clones
+    ref_codes: Tensor | None = None  # [n_ref, 16] for ICL clones
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    voice_name: str | None
+    voice: ResolvedVoice
+    language: str
+    lang_id: int | None
+    instruct: tuple[int, ...] | None
+    sampling: SamplingParams
+    chunk_schedule: tuple[int, ...]
+    idle_flush_ms: int | None
+    text_mode: TextMode
+    max_frames: int
+
+    @property
+    def queue_prefix(self) -> tuple[int, ...]:
+        return tuple(queue_prefix(self.voice.spec))
+
+
+@dataclass
+class _Work:
+    """Worker-side state of a stream (only the worker thread touches it)."""
+
+    row: int
+    codec_row: int
+    generator: torch.Generator
+    length: int = 0  # positions in this row's KV cache
+    utterance: Utterance | None = None
+    consumed: int = 0  # text-track queue entries fed
+    eos_fed: bool = False
+    frame: int = 0  # frames completed in the utterance
+    tokens: int = 0  # codebook-0 tokens sampled in the utterance (EOS rule)
+    c0: int | None = None  # codebook-0 of frame `frame`, waiting for the code predictor
+    hidden: Tensor | None = None  # [H] talker hidden that produced c0
+    frame_embed: Tensor | None = None  # [H] input of the next talker step (without text)
+    seen: Tensor | None = None  # bool [V]: codebook-0 ids generated in the utterance
+    pending: list[np.ndarray] = field(default_factory=list)  # frames [16] not yet decoded
+    pending_start: int = 0  # frame index of pending[0]
+    chunks: int = 0  # chunks emitted in the utterance
+    done_reason: str | None = None  # the utterance has ended: "eos" | "max_frames"
+    started_at: float | None = None
+    stalled_since: float | None = None  # waiting for text since (talker stall)
+
+
+class Engine:
+    """Loads a checkpoint and serves many streams at once from one worker thread.
+
+    Args:
+        model: a `Checkpoint`, or a spec for `load_checkpoint` (directory, hub id, random:...).
+        device / dtype: where and how the model runs (default: cuda+bf16 if present, else cpu+fp32).
+        max_streams: KV-cache rows, i.e. streams generating at the same time.
+        max_queued_streams: streams waiting for a row; more are refused with OverloadedError.
+        max_queued_chunks: per-stream output bound; a stream whose consumer lags this far
+            behind sits out steps (backpressure) instead of growing memory or blocking others.
+        kv_capacity: initial KV positions per row; grows (doubling) when a stream needs more.
+        start: start the worker thread (tests may drive `step()` by hand instead).
+    """
+
+    def __init__(
+        self,
+        model: Checkpoint | str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_streams: int = 8,
+        max_queued_streams: int = 256,
+        max_queued_chunks: int = 64,
+        kv_capacity: int = 512,
+        default_chunk_schedule: Sequence[int] = DEFAULT_CHUNK_SCHEDULE,
+        default_idle_flush_ms: int | None = None,
+        start: bool = True,
+    ):
+        from engine.torch.codec import CodecStreams
+        from engine.torch.model import TalkerCache
+        from engine.torch.weights import load_codec_decoder, load_talker
+
+        self.checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.cfg = self.checkpoint.config
+        self.tokenizer = TextTokenizer.from_dir(self.checkpoint.tokenizer_dir)
+        self.talker = load_talker(self.checkpoint, self.device, self.dtype)
+        self.codec = load_codec_decoder(self.checkpoint, self.device, self.dtype)
+        self.max_streams = max_streams
+        self.max_queued_streams = max_queued_streams
+        self.max_queued_chunks = max_queued_chunks
+        self.default_chunk_schedule = _check_schedule(default_chunk_schedule)
+        self.default_idle_flush_ms = default_idle_flush_ms
+        self.samples_per_frame = self.checkpoint.codec.decoder.samples_per_frame
+        self.sample_rate = self.checkpoint.codec.sample_rate
+        tcfg = self.cfg.talker
+        self.cache = TalkerCache(tcfg.transformer, max_streams, kv_capacity, self.device, self.dtype)
+        self.codec_streams = CodecStreams(self.codec, max_streams, device=self.device, dtype=self.dtype)
+        self._suppress = suppress_mask(tcfg.vocab_size, tcfg.codec_eos_id, self.device)
+        self._role = role_ids(self.cfg, self.tokenizer.encode("assistant\n"))
+        self._newline = self.tokenizer.encode("\n")
+
+        self._cond = threading.Condition()
+        self._next_id = 0
+        self._queued: list[Stream] = []  # admitted in order when a row frees
+        self._active: list[Stream] = []  # index == KV row
+        self._free_codec_rows = list(range(max_streams))
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+        if start:
+            self.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def voices(self) -> list[str]:
+        return self.cfg.speakers
+
+    @property
+    def languages(self) -> list[str]:
+        return self.cfg.languages
+
+    @property
+    def model_type(self) -> str:
+        return self.cfg.model_type
+
+    def default_voice(self) -> str | None:
+        speakers = self.cfg.speakers
+        if not speakers:
+            return None
+        return "ryan" if "ryan" in speakers else speakers[0]
+
+    def resolve_voice(self, name: str | None) -> ResolvedVoice:
+        """A preset speaker of a CustomVoice model, or no voice (VoiceDesign / plain Base)."""
+        if name is None or name == "":
+            if self.cfg.model_type == "custom_voice":
+                raise VoiceError(
+                    f"this CustomVoice model needs a voice; choose one of: {', '.join(self.voices)}"
+                )
+            return ResolvedVoice(spec=None)
+        key = name.strip().lower()
+        if key in self.cfg.talker.spk_id:
+            spec = VoiceSpec(
+                name=key,
+                speaker_id=self.cfg.talker.spk_id[key],
+                dialect=self.cfg.talker.spk_is_dialect.get(key),
+            )
+            return ResolvedVoice(spec=spec)
+        offered = ", ".join(self.voices) if self.voices else "none (this model has no preset voices)"
+        raise VoiceError(f"unknown voice {name!r}; this model offers: {offered}")
+
+    def open_stream(
+        self,
+        *,
+        voice: str | ResolvedVoice | None = None,
+        language: str = "auto",
+        instructions: str | None = None,
+        sampling: SamplingParams | None = None,
+        seed: int | None = None,
+        chunk_schedule: Sequence[int] | None = None,
+        idle_flush_ms: int | None = None,
+        text_mode: TextMode = "streaming",
+        max_frames: int | None = None,
+    ) -> Stream:
+        """Open a stream. Voice/language/instructions are fixed for its lifetime (they live in
+        the prefill of every utterance)."""
+        if self._closed:
+            raise EngineError("the engine is closed")
+        if isinstance(voice, ResolvedVoice):
+            resolved = voice
+            voice_name = voice.spec.name if voice.spec else None
+        else:
+            voice_name = voice if voice is not None else self.default_voice()
+            resolved = self.resolve_voice(voice_name)
+        lang_id = resolve_language(self.cfg, language, resolved.spec)
+        params = sampling or SamplingParams.from_generation_config(self.checkpoint.generation)
+        if seed is not None:
+            params = params.with_overrides(seed=seed)
+        params.validate()
+        instruct = self._instruct_ids(instructions)
+        schedule = (
+            _check_schedule(chunk_schedule) if chunk_schedule is not None else self.default_chunk_schedule
+        )
+        cap = self.checkpoint.generation.max_frames if max_frames is None else int(max_frames)
+        if cap <= 0:
+            raise EngineError(f"max_frames must be positive, got {max_frames}")
+        if text_mode not in ("streaming", "full"):
+            raise EngineError(f"text_mode must be 'streaming' or 'full', got {text_mode!r}")
+        options = StreamOptions(
+            voice_name=voice_name,
+            voice=resolved,
+            language=language,
+            lang_id=lang_id,
+            instruct=tuple(instruct) if instruct else None,
+            sampling=params,
+            chunk_schedule=schedule,
+            idle_flush_ms=idle_flush_ms if idle_flush_ms is not None else self.default_idle_flush_ms,
+            text_mode=text_mode,
+            max_frames=cap,
+        )
+        with self._cond:
+            if len(self._queued) >= self.max_queued_streams:
+                self.stats.refused += 1
+                raise OverloadedError(
+                    f"{len(self._active)} streams generating and {len(self._queued)} queued: try again later"
+                )
+            stream = Stream(self, self._next_id, options, TextCommitter(self.tokenizer))
+            self._next_id += 1
+            self._queued.append(stream)
+            self.stats.opened += 1
+            self._cond.notify_all()
+        return stream
+
+    def synthesize(self, text: str, **options: Any) -> np.ndarray:
+        """Whole text in, whole audio out (float32, `sample_rate`)."""
+        stream = self.open_stream(**options)
+        stream.push_text(text)
+        stream.end()
+        if self._thread is None:
+            while not stream.finished:
+                self.step()
+        return stream.read_all()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tts-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Cancel every stream and stop the worker."""
+        with self._cond:
+            self._closed = True
+            for s in [*self._active, *self._queued]:
+                s.cancel()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued_streams(self) -> int:
+        return len(self._queued)
+
+    # ---- worker -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                if self._closed and not self._active and not self._queued:
+                    return
+            try:
+                worked = self.step()
+            except Exception:  # a bug must not kill the worker: the step already failed its streams
+                log.exception("engine step failed")
+                worked = True
+            if not worked:
+                with self._cond:
+                    if self._closed:
+                        if not self._active and not self._queued:
+                            return
+                    self._cond.wait(timeout=self._idle_timeout())
+
+    def _idle_timeout(self) -> float:
+        """Sleep until the next idle-flush deadline (or a notify from a producer)."""
+        deadlines = [
+            s.last_text_at + s.options.idle_flush_ms / 1000.0
+            for s in self._active
+            if s.options.idle_flush_ms and not s.text_ended
+        ]
+        if not deadlines:
+            return 0.5
+        return max(0.001, min(deadlines) - time.monotonic())
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One scheduling iteration. Returns whether any model work was done."""
+        with self._cond:
+            self._housekeeping()
+            prefill = self._pick_prefill()
+            active = list(self._active)
+        worked = False
+        if prefill is not None:
+            self._guarded([prefill], self._prefill, prefill)
+            worked = True
+        cp_rows = [
+            s
+            for s in active
+            if s.engine_data.c0 is not None and s.state is State.RUNNING and not self._backlogged(s)
+        ]
+        if cp_rows:
+            self._guarded(cp_rows, self._predict_codes, cp_rows)
+            worked = True
+        due = [s for s in active if self._chunk_due(s)]
+        if due:
+            self._guarded(due, self._decode_chunks, due)
+            worked = True
+        with self._cond:
+            step_rows = [s for s in active if self._ready_for_talker(s)]
+        if step_rows:
+            self._guarded(step_rows, self._talker_step, step_rows)
+            worked = True
+        return worked
+
+    def _guarded(self, streams: list[Stream], fn: Any, *args: Any) -> None:
+        """Run one phase; if it raises, fail exactly the streams it was working on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("engine phase %s failed for streams %s", fn.__name__, [s.id for s in streams])
+            with self._cond:
+                for s in streams:
+                    s._finish(State.FAILED, f"internal error while generating ({type(e).__name__})")
+                self.stats.failed += len(streams)
+
+    # ---- housekeeping (lock held) -------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for s in list(self._active):
+            if s.state in (State.CANCELLED, State.FAILED, State.DONE):
+                self._release(s)
+        self._queued = [s for s in self._queued if s.state is State.QUEUED]
+        while self._queued and len(self._active) < self.max_streams:
+            self._admit(self._queued.pop(0), now)
+        for s in self._active:
+            if s._idle_flush_due(now):
+                s._flush_locked()
+                s.last_text_at = now
+            self._maybe_finish(s)
+        for s in list(self._active):
+            if s.state is State.DONE:
+                self._release(s)
+
+    def _admit(self, s: Stream, now: float) -> None:
+        row = len(self._active)
+        codec_row = self._free_codec_rows.pop()
+        self.codec_streams.reset(codec_row)
+        s.engine_data = _Work(
+            row=row, codec_row=codec_row, generator=s.options.sampling.generator(self.device)
+        )
+        s.metrics.queued_ms = (now - s.created_at) * 1000.0
+        s.state = State.WAITING
+        self._active.append(s)
+        self.stats.admitted += 1
+
+    def _release(self, s: Stream) -> None:
+        """Free a stream's rows; move the last active row into the hole to stay compact."""
+        w: _Work = s.engine_data
+        idx = self._active.index(s)
+        last = self._active[-1]
+        if last is not s:
+            lw: _Work = last.engine_data
+            self.cache.move_row(lw.row, w.row, lw.length)
+            lw.row = w.row
+            self._active[idx] = last
+        self._active.pop()
+        self._free_codec_rows.append(w.codec_row)
+        s.engine_data = w  # kept for inspection; the rows are no longer its own
+        self.stats.closed += 1
+
+    def _maybe_finish(self, s: Stream) -> None:
+        """A stream with no utterance left to speak and no more text coming is done."""
+        w: _Work = s.engine_data
+        if s.state is not State.WAITING or w.utterance is not None or not s.text_ended:
+            return
+        head = s.utterances[0]
+        if head.complete or head.target_ids > 0:
+            return
+        # The text ended after the last utterance closed (or there was none): an empty chunk
+        # carries the end-of-stream flag, so every stream ends with exactly one `last` chunk.
+        chunk = AudioChunk(
+            samples=np.zeros(0, dtype=np.float32), utterance=max(0, head.index - 1), frame=w.pending_start,
+            frames=0, first=not s.emitted_any, last_in_utterance=False, last=True,
+            codes=np.zeros((0, 16), dtype=np.int64),
+        )  # fmt: skip
+        s._deliver(chunk)
+        s._finish(State.DONE)
+        self.stats.completed += 1
+
+    def _pick_prefill(self) -> Stream | None:
+        for s in self._active:
+            if s.state is not State.WAITING or self._backlogged(s):
+                continue
+            utt = s.utterances[0]
+            if utt.target_ids == 0:
+                continue
+            need = prefill_needs(s.options.voice.spec, s.options.text_mode)
+            if utt.complete or (need >= 0 and len(utt.ids) >= need):
+                return s
+        return None
+
+    def _backlogged(self, s: Stream) -> bool:
+        return s.queued_chunks >= self.max_queued_chunks
+
+    def _ready_for_talker(self, s: Stream) -> bool:
+        """The frame is complete and the next text-track input is known (else: stall)."""
+        w: _Work = s.engine_data
+        if s.state is not State.RUNNING or w.frame_embed is None or w.done_reason or self._backlogged(s):
+            return False
+        utt = w.utterance
+        assert utt is not None
+        ready = w.consumed < len(utt.ids) or utt.complete
+        now = time.monotonic()
+        if ready:
+            if w.stalled_since is not None:
+                s.metrics.stall_ms += (now - w.stalled_since) * 1000.0
+                w.stalled_since = None
+        elif w.stalled_since is None:
+            w.stalled_since = now
+        return ready
+
+    # ---- model phases (worker thread, lock not held) -------------------------------------------
+
+    def _prefill(self, s: Stream) -> None:
+        w: _Work = s.engine_data
+        opts = s.options
+        with self._cond:
+            utt = s.utterances[0]
+            ids = list(utt.ids)
+            complete = utt.complete
+        pre: Prefill = build_prefill(
+            self.cfg,
+            role=self._role,
+            instruct=list(opts.instruct) if opts.instruct else None,
+            voice=opts.voice.spec,
+            lang_id=opts.lang_id,
+            queue=ids,
+            mode=opts.text_mode,
+            text_complete=complete,
+        )
+        t0 = time.perf_counter()
+        x = self.embed_slots(pre.slots, opts.voice)  # [1, P, H]
+        p = x.shape[1]
+        self._ensure_capacity(p + 1)
+        positions = torch.arange(p, device=self.device)[None]
+        h = self.talker.forward_hidden(x, positions, self.cache.bind(slice(w.row, w.row + 1), positions))
+        w.utterance, w.length = utt, p
+        w.consumed, w.eos_fed = pre.consumed, pre.eos_fed
+        w.frame, w.tokens, w.pending, w.pending_start, w.chunks = 0, 0, [], 0, 0
+        w.done_reason, w.frame_embed = None, None
+        w.seen = torch.zeros(self.cfg.talker.vocab_size, dtype=torch.bool, device=self.device)
+        w.hidden = h[0, -1]
+        self.codec_streams.reset(w.codec_row)
+        if opts.voice.ref_codes is not None:
+            # ICL: the codec hears the reference first, as the official decode of ref+generated does.
+            self.codec_streams.prime(w.codec_row, opts.voice.ref_codes.T.to(self.device))
+        c0 = self._sample_talker([s], h[:, -1])[0]
+        with self._cond:
+            if s.state is State.WAITING:
+                s.state = State.RUNNING
+            if w.started_at is None:
+                w.started_at = time.monotonic()
+            self._accept_c0(s, c0)
+        self.stats.prefills += 1
+        self.stats.prefill_ms += (time.perf_counter() - t0) * 1000.0
+
+    def embed_slots(self, slots: list[Slot], voice: ResolvedVoice) -> Tensor:
+        return self.talker.embed_slots(slots, voice.xvector, voice.ref_codes)
+
+    def _predict_codes(self, streams: list[Stream]) -> None:
+        works: list[_Work] = [s.engine_data for s in streams]
+        hidden = torch.stack([w.hidden for w in works])  # type: ignore[misc]
+        c0 = torch.tensor([w.c0 for w in works], device=self.device)
+        e0 = self.talker.embed_codec(c0)  # [B, H]
+        params = [_sub_params(s.options.sampling) for s in streams]
+        sampler = RowSampler(params, [w.generator for w in works], self.device)
+        codes, embs = self.talker.code_predictor.predict(hidden, e0, lambda g, logits: sampler(logits))
+        frame_embed = torch.cat((e0[:, None], embs), dim=1).sum(1)  # [B, H]: as the official sums
+        frames = torch.cat((c0[:, None], codes), dim=1).cpu().numpy()  # [B, 16]
+        with self._cond:
+            for i, (s, w) in enumerate(zip(streams, works, strict=True)):
+                if s.state is not State.RUNNING:
+                    continue
+                w.pending.append(frames[i])
+                w.frame += 1
+                w.c0 = None
+                w.frame_embed = frame_embed[i]
+                s.metrics.frames += 1
+                if w.frame >= s.options.max_frames:
+                    w.done_reason = "max_frames"
+        self.stats.cp_batches += 1
+        self.stats.cp_rows += len(streams)
+
+    def _talker_step(self, streams: list[Stream]) -> None:
+        t0 = time.perf_counter()
+        works: list[_Work] = [s.engine_data for s in streams]
+        rows = [w.row for w in works]
+        r0, r1 = min(rows), max(rows) + 1
+        span = self._active[r0:r1]
+        self._ensure_capacity(max(s.engine_data.length for s in span) + 1)
+        text_ids: list[int] = []
+        fed: list[str] = []
+        for w in works:
+            utt = w.utterance
+            assert utt is not None
+            if w.consumed < len(utt.ids):
+                text_ids.append(utt.ids[w.consumed])
+                fed.append("text")
+            elif not w.eos_fed:
+                text_ids.append(self.cfg.tts_eos_id)
+                fed.append("eos")
+            else:
+                text_ids.append(self.cfg.tts_pad_id)
+                fed.append("pad")
+        addend = self.talker.embed_text(torch.tensor(text_ids, device=self.device)[:, None])[:, 0]  # [B, H]
+        x = torch.zeros(r1 - r0, 1, addend.shape[-1], device=self.device, dtype=self.dtype)
+        sel = torch.tensor([r - r0 for r in rows], device=self.device)
+        x[sel, 0] = torch.stack([w.frame_embed for w in works]) + addend  # type: ignore[misc]
+        positions = torch.tensor([[s.engine_data.length] for s in span], device=self.device)
+        h = self.talker.forward_hidden(x, positions, self.cache.bind(slice(r0, r1), positions))
+        h_rows = h[sel, 0]  # [B, H]
+        c0 = self._sample_talker(streams, h_rows)
+        with self._cond:
+            for i, (s, w) in enumerate(zip(streams, works, strict=True)):
+                w.length += 1
+                w.frame_embed = None
+                w.hidden = h_rows[i]
+                if fed[i] == "text":
+                    w.consumed += 1
+                elif fed[i] == "eos":
+                    w.eos_fed = True
+                if s.state is State.RUNNING:
+                    self._accept_c0(s, c0[i])
+        self.stats.talker_batches += 1
+        self.stats.talker_rows += len(streams)
+        self.stats.talker_span += r1 - r0
+        self.stats.step_ms += (time.perf_counter() - t0) * 1000.0
+
+    def _sample_talker(self, streams: list[Stream], hidden: Tensor) -> list[int]:
+        works: list[_Work] = [s.engine_data for s in streams]
+        logits = self.talker.codec_head(hidden)  # [B, V]
+        seen = torch.stack([w.seen for w in works])  # type: ignore[misc]
+        penalty = torch.tensor([s.options.sampling.repetition_penalty for s in streams], device=self.device)
+        block = torch.tensor([w.tokens < MIN_NEW_TOKENS for w in works], device=self.device)
+        scores = talker_processors(logits, seen, penalty, block, self._suppress, self.cfg.talker.codec_eos_id)
+        params = [(p.temperature, p.top_k, p.top_p) for p in (s.options.sampling for s in streams)]
+        sampler = RowSampler(params, [w.generator for w in works], self.device)
+        return sampler(scores).tolist()
+
+    def _accept_c0(self, s: Stream, c0: int) -> None:
+        """Record a sampled codebook-0 token (lock held)."""
+        w: _Work = s.engine_data
+        w.tokens += 1
+        if c0 == self.cfg.talker.codec_eos_id:
+            w.done_reason = "eos"
+            return
+        assert w.seen is not None
+        w.seen[c0] = True
+        w.c0 = c0
+
+    def _chunk_due(self, s: Stream) -> bool:
+        w: _Work = s.engine_data
+        if s.state is not State.RUNNING or w.utterance is None:
+            return False
+        if w.done_reason is not None:
+            return True  # flush the rest (possibly zero frames) and close the utterance
+        return len(w.pending) >= self._chunk_size(s)
+
+    def _chunk_size(self, s: Stream) -> int:
+        sched = s.options.chunk_schedule
+        w: _Work = s.engine_data
+        return sched[min(w.chunks, len(sched) - 1)]
+
+    def _decode_chunks(self, streams: list[Stream]) -> None:
+        groups: dict[int, list[Stream]] = {}
+        for s in streams:
+            w: _Work = s.engine_data
+            n = len(w.pending) if w.done_reason else self._chunk_size(s)
+            groups.setdefault(n, []).append(s)
+        for n, group in groups.items():
+            audio: list[np.ndarray] = []
+            if n > 0:
+                codes = torch.tensor(
+                    np.stack([np.stack(s.engine_data.pending[:n], axis=1) for s in group]), device=self.device
+                )  # [B, 16, n]
+                rows = [s.engine_data.codec_row for s in group]
+                wav = self.codec_streams.decode(rows, codes).float().cpu().numpy()
+                audio = list(wav)
+            with self._cond:
+                for i, s in enumerate(group):
+                    self._emit(s, audio[i] if n > 0 else np.zeros(0, dtype=np.float32), n)
+
+    def _emit(self, s: Stream, samples: np.ndarray, n: int) -> None:
+        """Deliver one chunk; close the utterance if it ended (lock held)."""
+        w: _Work = s.engine_data
+        utt = w.utterance
+        assert utt is not None
+        frames = np.stack(w.pending[:n]) if n else np.zeros((0, 16), dtype=np.int64)
+        del w.pending[:n]
+        closing = w.done_reason is not None and not w.pending
+        last = closing and s.text_ended and not _has_more_text(s, utt)
+        now = time.monotonic()
+        chunk = AudioChunk(
+            samples=samples.astype(np.float32, copy=False), utterance=utt.index, frame=w.pending_start,
+            frames=n, first=not s.emitted_any, last_in_utterance=closing, last=last,
+            end_reason=w.done_reason if closing else None, codes=frames,
+        )  # fmt: skip
+        if not s._deliver(chunk):
+            return
+        if n and not s.emitted_any and s.first_text_at is not None:
+            s.metrics.first_text_to_first_audio_ms = (now - s.first_text_at) * 1000.0
+            self.stats.first_audio_ms.append(s.metrics.first_text_to_first_audio_ms)
+        if n:
+            s.emitted_any = True
+        s.metrics.audio_ms += 1000.0 * len(samples) / self.sample_rate
+        w.pending_start += n
+        w.chunks += 1
+        if closing:
+            self._end_utterance(s, last, now)
+
+    def _end_utterance(self, s: Stream, last: bool, now: float) -> None:
+        w: _Work = s.engine_data
+        s.utterances.popleft()
+        s.metrics.utterances += 1
+        if w.started_at is not None:
+            s.metrics.generate_ms = (now - w.started_at) * 1000.0 - s.metrics.stall_ms
+        w.utterance, w.c0, w.hidden, w.frame_embed, w.length = None, None, None, None, 0
+        if last:
+            s._finish(State.DONE)
+            self.stats.completed += 1
+        else:
+            s.state = State.WAITING
+            self._maybe_finish(s)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.cache.capacity:
+            return
+        limit = self.cfg.talker.transformer.max_position_embeddings
+        if needed > limit:
+            raise EngineError(f"utterance exceeds the model's {limit} positions")
+        cap = self.cache.capacity
+        while cap < needed:
+            cap *= 2
+        self.cache.grow(min(cap, limit))
+
+    def _instruct_ids(self, instructions: str | None) -> list[int] | None:
+        if not instructions or not instructions.strip():
+            return None
+        cfg = self.cfg
+        if cfg.model_type == "base" or (cfg.model_type == "custom_voice" and cfg.model_size == "0b6"):
+            # The official wrappers drop instructions for these models (not trained with them).
+            log.info("instructions ignored: %s %s models take none", cfg.model_size, cfg.model_type)
+            return None
+        return instruct_ids(cfg, self.tokenizer.encode("user\n" + instructions), self._newline)
+
+
+def _has_more_text(s: Stream, current: Utterance) -> bool:
+    return any(u is not current and (u.target_ids > 0 or u.complete) for u in s.utterances)
+
+
+def _sub_params(p: SamplingParams) -> tuple[float, int, float]:
+    return (p.subtalker_temperature, p.subtalker_top_k, p.subtalker_top_p)
+
+
+def _check_schedule(schedule: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(schedule)
+    if not out or any(
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHUNK_FRAMES for n in out
+    ):
+        raise EngineError(f"chunk_schedule must be a non-empty list of integers in 1..{MAX_CHUNK_FRAMES}")
+    return out
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and benchmarks (updated by the worker)."""
+
+    opened: int = 0
+    admitted: int = 0
+    closed: int = 0
+    completed: int = 0
+    failed: int = 0
+    refused: int = 0
+    prefills: int = 0
+    prefill_ms: float = 0.0
+    cp_batches: int = 0
+    cp_rows: int = 0
+    talker_batches: int = 0
+    talker_rows: int = 0
+    talker_span: int = 0
+    step_ms: float = 0.0
+    first_audio_ms: list[float] = field(default_factory=list)

@@ -1,0 +1,159 @@
+"""Weights for the torch backend: load the official safetensors, or make random ones.
+
+Loading builds modules on the meta device and assigns the checkpoint tensors (cast to the
+engine's dtype), so a 1.7B model is never randomly initialized just to be overwritten.
+Random weights are drawn with scales that keep every part of the network active (unit-scale
+codec activations, peaked talker logits), so tests on them compare meaningful numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from engine.checkpoint import Checkpoint, CheckpointError, random_config_dicts, write_config_files
+from engine.torch.model import Talker
+
+
+def _read_prefixed(path: Path, prefix: str) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def _assign(
+    module: nn.Module, state: dict[str, Tensor], where: str, dtype: torch.dtype, device: torch.device
+) -> None:
+    expected = dict(module.state_dict(keep_vars=True))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:3])}"
+        )
+    for k, t in state.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{where}: {k} has shape {tuple(t.shape)}, the config implies {tuple(expected[k].shape)}"
+            )
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+
+
+def _rebuild_buffers(module: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (RoPE tables...) are not in checkpoints: recompute them after a
+    meta-device build."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "rebuild_buffers"):
+            m.rebuild_buffers(device)
+
+
+def load_talker(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Talker:
+    if ckpt.is_random:
+        talker = Talker(ckpt.config.talker)
+        init_random_(talker, seed=ckpt.random_seed or 0)
+        return talker.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        talker = Talker(ckpt.config.talker)
+    _assign(talker, _read_prefixed(ckpt.weights_file, "talker."), str(ckpt.weights_file), dtype, device)
+    _rebuild_buffers(talker, device)
+    return talker.eval()
+
+
+def load_codec_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from engine.torch.codec import CodecDecoder
+
+    if ckpt.is_random:
+        dec = CodecDecoder(ckpt.codec.decoder)
+        init_random_(dec, seed=(ckpt.random_seed or 0) + 1)
+        return dec.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        dec = CodecDecoder(ckpt.codec.decoder)
+    _assign(
+        dec, _read_prefixed(ckpt.codec_weights_file, "decoder."), str(ckpt.codec_weights_file), dtype, device
+    )
+    _rebuild_buffers(dec, device)
+    return dec.eval()
+
+
+# ---- Random weights ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_random_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Deterministic random weights that keep every part of a network active.
+
+    Linear/conv weights ~ N(0, 1/fan_in) keep activations at unit scale through deep stacks
+    (fan-in of a transposed conv is in*k/stride); embeddings and codebooks ~ N(0, 1); norm gains
+    ~ 1 + N(0, 0.1) so the norms matter in parity tests; codebook usage counts stay positive;
+    every other parameter (biases, SnakeBeta log-scales, layer scales) gets N(0, 0.1) noise.
+    Modules are visited in a fixed order, so a seed always gives the same model.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape: torch.Size) -> Tensor:
+        return torch.randn(shape, generator=g)
+
+    for _, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if isinstance(m, nn.Embedding) or pname == "embedding_sum":
+                val = randn(p.shape)
+            elif pname == "cluster_usage":
+                val = 1.0 + randn(p.shape).abs()
+            elif pname == "weight" and isinstance(m, nn.Linear):
+                val = randn(p.shape) / math.sqrt(m.in_features)
+            elif pname == "weight" and isinstance(m, nn.ConvTranspose1d):
+                val = randn(p.shape) / math.sqrt(m.in_channels * m.kernel_size[0] / m.stride[0])
+            elif pname == "weight" and isinstance(m, nn.Conv1d):
+                val = randn(p.shape) / math.sqrt(m.in_channels // m.groups * m.kernel_size[0])
+            elif pname == "weight" and p.dim() == 1:  # RMSNorm / LayerNorm gains
+                val = 1.0 + 0.1 * randn(p.shape)
+            else:
+                val = 0.1 * randn(p.shape)
+            p.copy_(val.to(p.dtype))
+    return module
+
+
+def write_random_checkpoint(
+    dest: str | Path,
+    shape: str = "tiny",
+    model_type: str = "custom_voice",
+    *,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+) -> Path:
+    """Write a random-weight checkpoint in the official layout (loadable by qwen-tts too)."""
+    from engine.config import ModelConfig, SpeechTokenizerConfig
+    from engine.text import write_tokenizer_files
+    from engine.torch.codec import CodecDecoder
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dicts = random_config_dicts(shape, model_type)
+    if max_new_tokens is not None:
+        dicts["generation_config.json"]["max_new_tokens"] = max_new_tokens
+    write_config_files(dest, dicts)
+    write_tokenizer_files(dest)
+    cfg = ModelConfig.from_dict(dicts["config.json"])
+    talker = init_random_(Talker(cfg.talker), seed)
+    tensors = {f"talker.{k}": v.contiguous() for k, v in talker.state_dict().items()}
+    if model_type == "base":
+        from engine.torch.speaker import SpeakerEncoder
+
+        assert cfg.speaker_encoder is not None
+        spk = init_random_(SpeakerEncoder(cfg.speaker_encoder), seed + 2)
+        tensors |= {f"speaker_encoder.{k}": v.contiguous() for k, v in spk.state_dict().items()}
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    codec_cfg = SpeechTokenizerConfig.from_dict(dicts["speech_tokenizer/config.json"])
+    dec = init_random_(CodecDecoder(codec_cfg.decoder), seed + 1)
+    codec_tensors = {f"decoder.{k}": v.contiguous() for k, v in dec.state_dict().items()}
+    save_file(codec_tensors, str(dest / "speech_tokenizer" / "model.safetensors"), metadata={"format": "pt"})
+    return dest
