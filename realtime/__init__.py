@@ -1,0 +1,1 @@
+"""The asyncio server: native protocol, audio encoding, sessions and HTTP routes."""
