@@ -606,7 +606,10 @@ class Engine:
         self.stats.talker_batches += 1
         self.stats.talker_rows += len(streams)
         self.stats.talker_span += r1 - r0
-        self.stats.step_ms += (time.perf_counter() - t0) * 1000.0
+        elapsed = time.perf_counter() - t0
+        self.stats.step_ms += elapsed * 1000.0
+        self.stats.step_seconds.observe(elapsed)
+        self.stats.batch_size.observe(len(streams))
 
     def _sample_talker(self, streams: list[Stream], hidden: Tensor) -> list[int]:
         works: list[_Work] = [s.engine_data for s in streams]
@@ -681,7 +684,7 @@ class Engine:
             return
         if n and not s.emitted_any and s.first_text_at is not None:
             s.metrics.first_text_to_first_audio_ms = (now - s.first_text_at) * 1000.0
-            self.stats.first_audio_ms.append(s.metrics.first_text_to_first_audio_ms)
+            self.stats.first_audio_seconds.observe(s.metrics.first_text_to_first_audio_ms / 1000.0)
         if n:
             s.emitted_any = True
         s.metrics.audio_ms += 1000.0 * len(samples) / self.sample_rate
@@ -743,6 +746,31 @@ def _check_schedule(schedule: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+class Buckets:
+    """A cumulative histogram (Prometheus-style buckets), kept without any metrics library."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.bounds) and value > self.bounds[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            acc += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+        return out
+
+
 @dataclass
 class EngineStats:
     """Counters for /metrics and benchmarks (updated by the worker)."""
@@ -761,4 +789,10 @@ class EngineStats:
     talker_rows: int = 0
     talker_span: int = 0
     step_ms: float = 0.0
-    first_audio_ms: list[float] = field(default_factory=list)
+    batch_size: Buckets = field(default_factory=lambda: Buckets((1, 2, 4, 8, 16, 32, 64)))
+    step_seconds: Buckets = field(
+        default_factory=lambda: Buckets((0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
+    )
+    first_audio_seconds: Buckets = field(
+        default_factory=lambda: Buckets((0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30))
+    )

@@ -65,6 +65,13 @@ class AudioChunk:
     codes: np.ndarray | None = None  # [frames, 16] the codec codes this audio was decoded from
 
 
+@dataclass(frozen=True)
+class Marker:
+    """A caller's tag, delivered in order after the audio queued before `Stream.mark()`."""
+
+    tag: Any
+
+
 @dataclass
 class StreamMetrics:
     first_text_to_first_audio_ms: float | None = None
@@ -179,7 +186,7 @@ class Stream:
         self._prefix = list(options.queue_prefix)
         self.utterances: collections.deque[Utterance] = collections.deque([self._new_utterance(0)])
         self._next_utterance = 1
-        # worker-side bookkeeping, only touched by the worker thread (under the lock for flags)
+        # bookkeeping shared with the worker (under the engine lock)
         self.created_at = time.monotonic()
         self.first_text_at: float | None = None
         self.last_text_at = self.created_at
@@ -234,9 +241,16 @@ class Stream:
             self._chunks.put(_END)
             self._lock.notify_all()
 
+    def mark(self, tag: Any) -> None:
+        """Queue `tag` behind every chunk already queued: iteration yields a `Marker` there."""
+        with self._lock:
+            if self.state is State.CANCELLED:
+                return
+            self._chunks.put(Marker(tag))
+
     # ---- consumer API ---------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[AudioChunk]:
+    def __iter__(self) -> Iterator[AudioChunk | Marker]:
         while True:
             item = self._chunks.get()
             if item is _END:
@@ -245,15 +259,16 @@ class Stream:
             yield item
 
     def chunks(self, timeout: float | None = None) -> Iterator[AudioChunk]:
-        """Like iteration, with a per-chunk timeout (TimeoutError) for tests and tools."""
+        """The audio chunks only (markers skipped), with a per-chunk timeout for tests and tools."""
         while True:
             item = self._chunks.get(timeout)
             if item is _END:
                 self._raise_if_failed()
                 return
-            yield item
+            if isinstance(item, AudioChunk):
+                yield item
 
-    async def __aiter__(self) -> AsyncIterator[AudioChunk]:
+    async def __aiter__(self) -> AsyncIterator[AudioChunk | Marker]:
         while True:
             item = await self._chunks.aget()
             if item is _END:

@@ -17,3 +17,25 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir: Path) -> TextTokenizer:
     return TextTokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CustomVoice checkpoint in the official layout (frame cap 200)."""
+    from engine.torch.weights import write_random_checkpoint
+
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-cv"), "tiny", "custom_voice", seed=0, max_new_tokens=201
+    )
+
+
+@pytest.fixture(scope="session")
+def official_tiny(tiny_ckpt: Path):
+    """The official qwen-tts wrapper loaded from the same directory (the oracle)."""
+    import torch
+    from oracle import qwen_tts
+
+    qwen_tts()
+    from qwen_tts import Qwen3TTSModel
+
+    return Qwen3TTSModel.from_pretrained(str(tiny_ckpt), device_map="cpu", dtype=torch.float32)

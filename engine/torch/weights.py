@@ -45,7 +45,11 @@ def _assign(
             raise CheckpointError(
                 f"{where}: {k} has shape {tuple(t.shape)}, the config implies {tuple(expected[k].shape)}"
             )
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    # Floating tensors take the engine dtype; integer buffers (codebook flags) keep theirs.
+    cast = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
+    module.load_state_dict(cast, assign=True)
 
 
 def _rebuild_buffers(module: nn.Module, device: torch.device) -> None:
@@ -66,6 +70,24 @@ def load_talker(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     _assign(talker, _read_prefixed(ckpt.weights_file, "talker."), str(ckpt.weights_file), dtype, device)
     _rebuild_buffers(talker, device)
     return talker.eval()
+
+
+def load_codec_encoder(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """The reference-audio encoder (voice cloning). fp32: code search is precision-sensitive."""
+    from engine.torch.codec_encoder import CodecEncoder
+
+    if ckpt.is_random:
+        enc = CodecEncoder.from_config(ckpt.codec)
+        init_random_(enc, seed=(ckpt.random_seed or 0) + 3)
+        return enc.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        enc = CodecEncoder.from_config(ckpt.codec)
+    _assign(
+        enc, _read_prefixed(ckpt.codec_weights_file, "encoder."), str(ckpt.codec_weights_file), dtype, device
+    )
+    return enc.eval()
 
 
 def load_codec_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -102,7 +124,7 @@ def init_random_(module: nn.Module, seed: int = 0) -> nn.Module:
     def randn(shape: torch.Size) -> Tensor:
         return torch.randn(shape, generator=g)
 
-    for _, m in module.named_modules():
+    for name, m in module.named_modules():
         for pname, p in m.named_parameters(recurse=False):
             if isinstance(m, nn.Embedding) or pname == "embedding_sum":
                 val = randn(p.shape)
@@ -114,11 +136,28 @@ def init_random_(module: nn.Module, seed: int = 0) -> nn.Module:
                 val = randn(p.shape) / math.sqrt(m.in_channels * m.kernel_size[0] / m.stride[0])
             elif pname == "weight" and isinstance(m, nn.Conv1d):
                 val = randn(p.shape) / math.sqrt(m.in_channels // m.groups * m.kernel_size[0])
+                if name.endswith("conv2.conv"):
+                    # The codec's residual units add their branch to the input three times per
+                    # block: a small branch keeps activations (and the output) from blowing up.
+                    val *= 0.2
+                if m.out_channels == 1:  # the waveform head: keep most samples inside the final clamp
+                    val *= 0.1
             elif pname == "weight" and p.dim() == 1:  # RMSNorm / LayerNorm gains
                 val = 1.0 + 0.1 * randn(p.shape)
             else:
                 val = 0.1 * randn(p.shape)
             p.copy_(val.to(p.dtype))
+        # Mimi keeps its codebooks as buffers; all-zero codebooks would make every code 0.
+        for bname, b in m.named_buffers(recurse=False):
+            if bname == "embed_sum":
+                b.copy_(randn(b.shape).to(b.dtype))
+            elif bname == "cluster_usage":
+                b.copy_((1.0 + randn(b.shape).abs()).to(b.dtype))
+            elif bname == "initialized":
+                b.fill_(1)
+    prepare = getattr(module, "prepare", None)
+    if callable(prepare):  # derived tables (codec) must follow the new weights
+        prepare()
     return module
 
 
@@ -134,6 +173,7 @@ def write_random_checkpoint(
     from engine.config import ModelConfig, SpeechTokenizerConfig
     from engine.text import write_tokenizer_files
     from engine.torch.codec import CodecDecoder
+    from engine.torch.codec_encoder import CodecEncoder
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -154,6 +194,8 @@ def write_random_checkpoint(
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     codec_cfg = SpeechTokenizerConfig.from_dict(dicts["speech_tokenizer/config.json"])
     dec = init_random_(CodecDecoder(codec_cfg.decoder), seed + 1)
+    enc = init_random_(CodecEncoder.from_config(codec_cfg), seed + 3)
     codec_tensors = {f"decoder.{k}": v.contiguous() for k, v in dec.state_dict().items()}
+    codec_tensors |= {f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}
     save_file(codec_tensors, str(dest / "speech_tokenizer" / "model.safetensors"), metadata={"format": "pt"})
     return dest
