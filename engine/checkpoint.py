@@ -165,7 +165,7 @@ SPEAKERS = {
 SPEAKER_DIALECTS = {"eric": "sichuan_dialect", "dylan": "beijing_dialect"}
 
 
-def _layers(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, theta: float) -> dict:
+def _layers(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, theta: float) -> dict[str, Any]:
     return dict(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv, head_dim=head_dim, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=theta,
@@ -180,6 +180,8 @@ def random_config_dicts(shape: str, model_type: str = "custom_voice") -> dict[st
     if model_type not in ("custom_voice", "base", "voice_design"):
         raise CheckpointError(f"unknown model type {model_type!r}; choose custom_voice, base or voice_design")
     tiny = shape.startswith("tiny")
+    talker: dict[str, Any]
+    predictor: dict[str, Any]
     if tiny:
         h, cp_h = 64, (32 if shape == "tiny-mtp" else 64)
         talker = _layers(h, 128, 2, 4, 2, 16, 1e6) | dict(
@@ -235,6 +237,8 @@ def random_config_dicts(shape: str, model_type: str = "custom_voice") -> dict[st
 def codec_config_dict(tiny: bool) -> dict[str, Any]:
     """speech_tokenizer/config.json: the released codec (MODEL.md §1.1) or a narrow variant
     that keeps every rate (1920 samples per frame, 72-frame window) and shrinks the widths."""
+    decoder: dict[str, Any]
+    encoder: dict[str, Any]
     if tiny:
         decoder = dict(
             latent_dim=64, codebook_dim=32, codebook_size=2048, decoder_dim=64, hidden_size=32,

@@ -401,7 +401,10 @@ class Engine:
         for s in list(self._active):
             if s.state in (State.CANCELLED, State.FAILED, State.DONE):
                 self._release(s)
-        self._queued = [s for s in self._queued if s.state is State.QUEUED]
+        gone = [s for s in self._queued if s.state is not State.QUEUED]
+        if gone:  # cancelled while waiting for a slot
+            self._queued = [s for s in self._queued if s.state is State.QUEUED]
+            self.stats.closed += len(gone)
         while self._queued and len(self._active) < self.max_streams:
             self._admit(self._queued.pop(0), now)
         for s in self._active:

@@ -206,14 +206,14 @@ def _converted_tiktoken() -> tuple[str, str]:
     ranks: dict[bytes, int] = {}
     for line in src.read_text(encoding="utf-8").splitlines():
         if line:
-            tok_b64, rank = line.split()
-            ranks[base64.b64decode(tok_b64)] = int(rank)
+            tok_b64, rank_text = line.split()
+            ranks[base64.b64decode(tok_b64)] = int(rank_text)
     b2u = _bytes_to_unicode()
 
     def enc(b: bytes) -> str:
         return "".join(b2u[x] for x in b)
 
-    vocab = {enc(tok): rank for tok, rank in ranks.items()}
+    vocab: dict[str, int] = {enc(tok): rank for tok, rank in ranks.items()}
     # One merge per way of splitting a token into two tokens, ordered by the rank of the result
     # (ties by the ranks of the parts): BPE then always applies the lowest-rank merge first,
     # which is what tiktoken's rank-based BPE does.

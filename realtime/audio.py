@@ -316,3 +316,95 @@ def read_wav(file: str | Path | BinaryIO | bytes) -> tuple[FloatArray, int]:
     src: Any = io.BytesIO(file) if isinstance(file, bytes) else file
     data, rate = sf.read(src, dtype="float32", always_2d=True)
     return np.ascontiguousarray(data[:, 0]), int(rate)
+
+
+class ContainerEncoder:
+    """Streams compressed containers (mp3, ogg/opus, flac) through libsndfile as audio arrives.
+
+    libsndfile writes into a virtual file; whatever it appends is handed out after each write.
+    It may seek back at close to patch a header (a total length); those rewrites of bytes that
+    were already sent are dropped, which leaves a valid stream of unknown length.
+    """
+
+    _FORMATS: Final = {"mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS"), "flac": ("FLAC", "PCM_16")}
+
+    def __init__(self, fmt: str, sample_rate: int):
+
+        if fmt not in self._FORMATS:
+            raise ValueError(f"unsupported container {fmt!r}; choose one of {', '.join(self._FORMATS)}")
+        self._io = _AppendOnlyFile()
+        container, subtype = self._FORMATS[fmt]
+        self._sf = sf.SoundFile(
+            self._io, mode="w", samplerate=sample_rate, channels=1, format=container, subtype=subtype
+        )
+
+    def encode(self, chunk: npt.ArrayLike) -> bytes:
+        x = np.clip(np.asarray(chunk, dtype=np.float32), -1.0, 1.0)
+        if x.size:
+            self._sf.write(x)
+        return self._io.take()
+
+    def close(self) -> bytes:
+        self._sf.close()
+        return self._io.take()
+
+
+class _AppendOnlyFile(io.RawIOBase):
+    """A seekable sink for libsndfile that keeps only bytes written at or past what was sent."""
+
+    def __init__(self) -> None:
+        self._pos = 0
+        self._sent = 0
+        self._buf = bytearray()  # bytes from self._sent on
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        start = self._pos - self._sent
+        if start < 0:
+            return 0
+        data = self._buf[start : start + len(b)]
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        start = self._pos - self._sent
+        if start < 0:  # rewriting bytes that already left: drop that part
+            skip = min(len(data), -start)
+            data, start = data[skip:], 0
+            self._pos += skip
+        end = start + len(data)
+        if end > len(self._buf):
+            self._buf.extend(b"\0" * (end - len(self._buf)))
+        self._buf[start:end] = data
+        self._pos += len(data)
+        return len(b)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._sent + len(self._buf) + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def take(self) -> bytes:
+        """Bytes ready to send: everything before the write position, sent exactly once."""
+        n = min(len(self._buf), max(0, self._pos - self._sent))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._sent += n
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 from engine.checkpoint import Checkpoint, CheckpointError, random_config_dicts, write_config_files
 from engine.torch.model import Talker
+
+if TYPE_CHECKING:
+    from engine.torch.codec import CodecDecoder
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, Tensor]:
@@ -56,8 +60,9 @@ def _rebuild_buffers(module: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (RoPE tables...) are not in checkpoints: recompute them after a
     meta-device build."""
     for m in module.modules():
-        if m is not module and hasattr(m, "rebuild_buffers"):
-            m.rebuild_buffers(device)
+        rebuild = getattr(m, "rebuild_buffers", None)
+        if m is not module and callable(rebuild):
+            rebuild(device)
 
 
 def load_talker(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Talker:
@@ -90,7 +95,7 @@ def load_codec_encoder(
     return enc.eval()
 
 
-def load_codec_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_codec_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> CodecDecoder:
     from engine.torch.codec import CodecDecoder
 
     if ckpt.is_random:

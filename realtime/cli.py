@@ -1,0 +1,59 @@
+"""`python -m realtime serve | say | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from realtime import protocol as P
+
+
+def _serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m realtime serve", description="Run the streaming TTS server.")
+    p.add_argument(
+        "--model", default="Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice", help="directory, hub id or random:<shape>"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument(
+        "--api-key", default=os.environ.get("TTS_API_KEY"), help="require this bearer token (env TTS_API_KEY)"
+    )
+    p.add_argument("--max-sessions", type=int, default=64, help="concurrent WebSocket sessions")
+    p.add_argument("--max-streams", type=int, default=8, help="streams generating at once (batch rows)")
+    p.add_argument("--max-contexts", type=int, default=4, help="open contexts per session")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    from realtime.app import ServerSettings, run
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = ServerSettings(
+        model=args.model, device=args.device, api_key=args.api_key, max_sessions=args.max_sessions,
+        max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts),
+    )  # fmt: skip
+    run(settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m realtime {serve,say,bench} ...", file=sys.stderr)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return _serve(rest)
+    if cmd == "say":
+        from clients.__main__ import main as clients_main
+
+        return clients_main(["say", *rest])
+    if cmd == "bench":
+        from clients.load import main as load_main
+
+        return load_main(rest)
+    print(f"unknown command {cmd!r}; expected serve, say or bench", file=sys.stderr)
+    return 2
