@@ -165,7 +165,9 @@ SPEAKERS = {
 SPEAKER_DIALECTS = {"eric": "sichuan_dialect", "dylan": "beijing_dialect"}
 
 
-def _layers(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, theta: float) -> dict[str, Any]:
+def _layers(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, theta: float
+) -> dict[str, Any]:
     return dict(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv, head_dim=head_dim, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=theta,

@@ -173,11 +173,17 @@ def build_prefill(
             return Prefill(slots, len(queue), eos_fed=True)
         n = len(codec_track)
         if len(queue) >= n:  # enough text: the rest of the queue follows in the decode steps
-            slots += [Slot(text=x, codec=c.codec, ref_frame=c.ref_frame) for x, c in zip(queue, codec_track, strict=False)]
+            slots += [
+                Slot(text=x, codec=c.codec, ref_frame=c.ref_frame)
+                for x, c in zip(queue, codec_track, strict=False)
+            ]
             return Prefill(slots, n, eos_fed=False)
         # The whole text and its eos fit under the reference: pad the text track.
         track = [*queue, eos] + [pad] * (n - len(queue) - 1)
-        slots += [Slot(text=x, codec=c.codec, ref_frame=c.ref_frame) for x, c in zip(track, codec_track, strict=False)]
+        slots += [
+            Slot(text=x, codec=c.codec, ref_frame=c.ref_frame)
+            for x, c in zip(track, codec_track, strict=False)
+        ]
         return Prefill(slots, len(queue), eos_fed=True)
 
     if mode == "streaming":

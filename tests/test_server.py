@@ -117,8 +117,7 @@ async def recv_until(ws: Any, done: Any, timeout: float = 60.0, into: Received |
 
 def terminal(context_id: str) -> Any:
     return lambda r: any(
-        (e.get("context_id") == context_id
-        and e["type"] in ("context.done", "context.cancelled"))
+        (e.get("context_id") == context_id and e["type"] in ("context.done", "context.cancelled"))
         or (e["type"] == "error" and e.get("fatal"))
         for e in r.events
     )

@@ -13,7 +13,30 @@ from engine.text import TextCommitter, TextTokenizer, TokenizerError
 # Characters chosen to hit every branch of the Qwen2 pre-tokenizer regex: letters, digits,
 # contractions, punctuation runs, every kind of whitespace run, combining marks (NFC), Hangul
 # jamo (compose under NFC), CJK and emoji.
-ALPHABET = [*list("abcXYZ 019'\"sStTlLdDmMrRvVeE.,!?-\n\r\t"), "  ", "\n\n", " \n", "'ll", "'re", "é", "́", "̧", "ᄀ", "ᅡ", "ᆨ", "日本", "語", "😀", "é", "ß", "İ", "\xa0", "...", "$5", "3.14"]
+ALPHABET = [
+    *list("abcXYZ 019'\"sStTlLdDmMrRvVeE.,!?-\n\r\t"),
+    "  ",
+    "\n\n",
+    " \n",
+    "'ll",
+    "'re",
+    "é",
+    "́",
+    "̧",
+    "ᄀ",
+    "ᅡ",
+    "ᆨ",
+    "日本",
+    "語",
+    "😀",
+    "é",
+    "ß",
+    "İ",
+    "\xa0",
+    "...",
+    "$5",
+    "3.14",
+]
 
 
 def stream(tok: TextTokenizer, deltas: list[str]) -> list[int]:
