@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from engine.prompt import (
 from engine.sampling import MIN_NEW_TOKENS, RowSampler, SamplingParams, suppress_mask, talker_processors
 from engine.stream import AudioChunk, State, Stream, Utterance
 from engine.text import TextCommitter, TextTokenizer
+from engine.voices import ClonedVoice, VoiceStore
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,14 @@ class StreamOptions:
     def queue_prefix(self) -> tuple[int, ...]:
         return tuple(queue_prefix(self.voice.spec))
 
+    @property
+    def start_tokens(self) -> int | None:
+        """Committed text tokens a new utterance needs before it can start: 1 normally, more for
+        an ICL clone (its prefill aligns text with the reference audio), None in full-text mode
+        (the utterance waits for flush/end)."""
+        need = prefill_needs(self.voice.spec, self.text_mode)
+        return None if need < 0 else need - len(self.queue_prefix)
+
 
 @dataclass
 class _Work:
@@ -128,6 +138,10 @@ class Engine:
         max_queued_chunks: per-stream output bound; a stream whose consumer lags this far
             behind sits out steps (backpressure) instead of growing memory or blocking others.
         kv_capacity: initial KV positions per row; grows (doubling) when a stream needs more.
+        prefill_tokens_per_step: prompt positions prefilled together in one step (at least one
+            stream always goes): bounds how long newcomers hold up running streams. Default 64
+            on CPU (prefill is compute-bound there), 2048 on CUDA.
+        voices_db: SQLite file for cloned voices (Base models); None keeps presets only.
         start: start the worker thread (tests may drive `step()` by hand instead).
     """
 
@@ -143,6 +157,8 @@ class Engine:
         kv_capacity: int = 512,
         default_chunk_schedule: Sequence[int] = DEFAULT_CHUNK_SCHEDULE,
         default_idle_flush_ms: int | None = None,
+        prefill_tokens_per_step: int | None = None,
+        voices_db: str | Path | None = None,
         start: bool = True,
     ):
         from engine.torch.codec import CodecStreams
@@ -161,6 +177,7 @@ class Engine:
         self.max_queued_chunks = max_queued_chunks
         self.default_chunk_schedule = _check_schedule(default_chunk_schedule)
         self.default_idle_flush_ms = default_idle_flush_ms
+        self.prefill_tokens_per_step = prefill_tokens_per_step or (2048 if self.device.type == "cuda" else 64)
         self.samples_per_frame = self.checkpoint.codec.decoder.samples_per_frame
         self.sample_rate = self.checkpoint.codec.sample_rate
         tcfg = self.cfg.talker
@@ -169,6 +186,12 @@ class Engine:
         self._suppress = suppress_mask(tcfg.vocab_size, tcfg.codec_eos_id, self.device)
         self._role = role_ids(self.cfg, self.tokenizer.encode("assistant\n"))
         self._newline = self.tokenizer.encode("\n")
+
+        self.voice_store: VoiceStore | None = None
+        if voices_db is not None and self.cfg.speaker_encoder is not None:
+            self.voice_store = VoiceStore(voices_db, family=f"xvec{self.cfg.speaker_encoder.enc_dim}")
+        self._clone_lock = threading.Lock()
+        self._clone_models: tuple[Any, Any] | None = None
 
         self._cond = threading.Condition()
         self._next_id = 0
@@ -185,7 +208,74 @@ class Engine:
 
     @property
     def voices(self) -> list[str]:
-        return self.cfg.speakers
+        """Preset speakers, then registered clone voices (by id)."""
+        clones = [v.id for v in self.voice_store.list()] if self.voice_store is not None else []
+        return [*self.cfg.speakers, *clones]
+
+    def describe_voices(self) -> list[dict[str, object]]:
+        presets: list[dict[str, object]] = [{"id": n, "name": n, "type": "preset"} for n in self.cfg.speakers]
+        clones = [v.describe() for v in self.voice_store.list()] if self.voice_store is not None else []
+        return presets + clones
+
+    # ---- voice cloning (Base models) ------------------------------------------------------------
+
+    def create_voice(
+        self,
+        name: str,
+        audio: Any,
+        *,
+        sample_rate: int | None = None,
+        ref_text: str | None = None,
+        x_vector_only: bool = False,
+        max_seconds: float = 60.0,
+    ) -> ClonedVoice:
+        """Register a cloned voice from reference audio: a file path, encoded bytes (wav, flac,
+        ogg, mp3...) or a float array with `sample_rate`. With `ref_text` the voice clones in
+        ICL mode; `x_vector_only` keeps just the speaker embedding. Thread-safe; runs in the
+        caller's thread (the encoders are not the generation model)."""
+        from engine.torch.speaker import extract_xvector, load_audio, prepare_audio
+
+        if self.cfg.model_type != "base" or self.cfg.speaker_encoder is None:
+            raise VoiceError(
+                f"voice cloning needs a Base model (Qwen3-TTS-12Hz-*-Base); {self.checkpoint.name} is a "
+                f"{self.cfg.model_type} model"
+            )
+        if self.voice_store is None:
+            raise VoiceError("this engine has no voice store (start it with a voices database)")
+        text = (ref_text or "").strip() or None
+        if not x_vector_only and text is None:
+            raise VoiceError(
+                "ICL voice cloning needs the transcript of the reference audio (ref_text); "
+                "or ask for an x-vector-only voice"
+            )
+        if isinstance(audio, np.ndarray):
+            if sample_rate is None:
+                raise VoiceError("a raw audio array needs its sample_rate")
+            wav = prepare_audio(audio, sample_rate, self.sample_rate, max_seconds=max_seconds)
+        else:
+            wav = load_audio(audio, self.sample_rate, max_seconds=max_seconds)
+        speaker_encoder, codec_encoder = self._load_clone_models()
+        with torch.no_grad():
+            xvector = extract_xvector(speaker_encoder, wav).float().cpu().numpy()
+            codes = None
+            if not x_vector_only:
+                codes = codec_encoder.encode(torch.from_numpy(wav)[None].to(self.device))[0].cpu().numpy()
+        seconds = len(wav) / self.sample_rate
+        return self.voice_store.add(name, xvector, codes, None if x_vector_only else text, seconds)
+
+    def delete_voice(self, key: str) -> bool:
+        return self.voice_store.delete(key) if self.voice_store is not None else False
+
+    def _load_clone_models(self) -> tuple[Any, Any]:
+        from engine.torch.weights import load_codec_encoder, load_speaker_encoder
+
+        with self._clone_lock:
+            if self._clone_models is None:
+                self._clone_models = (
+                    load_speaker_encoder(self.checkpoint, self.device),
+                    load_codec_encoder(self.checkpoint, self.device),
+                )
+            return self._clone_models
 
     @property
     def languages(self) -> list[str]:
@@ -217,8 +307,31 @@ class Engine:
                 dialect=self.cfg.talker.spk_is_dialect.get(key),
             )
             return ResolvedVoice(spec=spec)
+        clone = self.voice_store.get(name.strip()) if self.voice_store is not None else None
+        if clone is not None:
+            return self._clone_voice(clone)
         offered = ", ".join(self.voices) if self.voices else "none (this model has no preset voices)"
         raise VoiceError(f"unknown voice {name!r}; this model offers: {offered}")
+
+    def _clone_voice(self, clone: ClonedVoice) -> ResolvedVoice:
+        xvec = torch.from_numpy(clone.xvector)
+        if xvec.shape[0] != self.cfg.talker.transformer.hidden_size:
+            raise VoiceError(f"voice {clone.id!r} was made for another model size")
+        icl = clone.ref_codes is not None and clone.ref_text is not None
+        ref_ids: tuple[int, ...] | None = None
+        codes: Tensor | None = None
+        if icl:
+            assert clone.ref_text is not None and clone.ref_codes is not None
+            # `<|im_start|>assistant\n{ref_text}<|im_end|>\n` -> ids[3:-2] (MODEL.md §2.1)
+            ref_ids = tuple(self.tokenizer.encode("assistant\n" + clone.ref_text)[2:])
+            codes = torch.from_numpy(clone.ref_codes.astype(np.int64))
+        spec = VoiceSpec(
+            name=clone.id,
+            has_xvector=True,
+            ref_text_ids=ref_ids,
+            ref_frames=0 if codes is None else len(codes),
+        )
+        return ResolvedVoice(spec=spec, xvector=xvec, ref_codes=codes)
 
     def open_stream(
         self,
@@ -358,11 +471,11 @@ class Engine:
         """One scheduling iteration. Returns whether any model work was done."""
         with self._cond:
             self._housekeeping()
-            prefill = self._pick_prefill()
+            prefills = self._pick_prefills()
             active = list(self._active)
         worked = False
-        if prefill is not None:
-            self._guarded([prefill], self._prefill, prefill)
+        if prefills:
+            self._guarded([s for s, _ in prefills], self._prefill, prefills)
             worked = True
         cp_rows = [
             s
@@ -385,8 +498,12 @@ class Engine:
 
     def _guarded(self, streams: list[Stream], fn: Any, *args: Any) -> None:
         """Run one phase; if it raises, fail exactly the streams it was working on."""
+        t0 = time.perf_counter()
         try:
             fn(*args)
+            self.stats.phase_ms[fn.__name__] = (
+                self.stats.phase_ms.get(fn.__name__, 0.0) + (time.perf_counter() - t0) * 1000.0
+            )
         except Exception as e:
             log.exception("engine phase %s failed for streams %s", fn.__name__, [s.id for s in streams])
             with self._cond:
@@ -462,17 +579,31 @@ class Engine:
         s._finish(State.DONE)
         self.stats.completed += 1
 
-    def _pick_prefill(self) -> Stream | None:
+    def _pick_prefills(self) -> list[tuple[Stream, Prefill]]:
+        """Waiting streams whose utterance can start, with their prefill layouts, within this
+        step's token budget (always at least one, so a long prompt still gets its turn)."""
+        picked: list[tuple[Stream, Prefill]] = []
+        tokens = 0
         for s in self._active:
             if s.state is not State.WAITING or self._backlogged(s):
                 continue
             utt = s.utterances[0]
             if utt.target_ids == 0:
                 continue
-            need = prefill_needs(s.options.voice.spec, s.options.text_mode)
-            if utt.complete or (need >= 0 and len(utt.ids) >= need):
-                return s
-        return None
+            opts = s.options
+            need = prefill_needs(opts.voice.spec, opts.text_mode)
+            if not (utt.complete or (need >= 0 and len(utt.ids) >= need)):
+                continue
+            pre = build_prefill(
+                self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
+                voice=opts.voice.spec, lang_id=opts.lang_id, queue=list(utt.ids), mode=opts.text_mode,
+                text_complete=utt.complete,
+            )  # fmt: skip
+            if picked and tokens + len(pre.slots) > self.prefill_tokens_per_step:
+                break
+            picked.append((s, pre))
+            tokens += len(pre.slots)
+        return picked
 
     def _backlogged(self, s: Stream) -> bool:
         return s.queued_chunks >= self.max_queued_chunks
@@ -496,47 +627,47 @@ class Engine:
 
     # ---- model phases (worker thread, lock not held) -------------------------------------------
 
-    def _prefill(self, s: Stream) -> None:
-        w: _Work = s.engine_data
-        opts = s.options
-        with self._cond:
-            utt = s.utterances[0]
-            ids = list(utt.ids)
-            complete = utt.complete
-        pre: Prefill = build_prefill(
-            self.cfg,
-            role=self._role,
-            instruct=list(opts.instruct) if opts.instruct else None,
-            voice=opts.voice.spec,
-            lang_id=opts.lang_id,
-            queue=ids,
-            mode=opts.text_mode,
-            text_complete=complete,
-        )
+    def _prefill(self, batch: list[tuple[Stream, Prefill]]) -> None:
+        """Prefill new utterances together: one forward over [B, longest prompt]."""
+        from engine.torch.model import PrefillStore
+
         t0 = time.perf_counter()
-        x = self.embed_slots(pre.slots, opts.voice)  # [1, P, H]
-        p = x.shape[1]
-        self._ensure_capacity(p + 1)
-        positions = torch.arange(p, device=self.device)[None]
-        h = self.talker.forward_hidden(x, positions, self.cache.bind(slice(w.row, w.row + 1), positions))
-        w.utterance, w.length = utt, p
-        w.consumed, w.eos_fed = pre.consumed, pre.eos_fed
-        w.frame, w.tokens, w.pending, w.pending_start, w.chunks = 0, 0, [], 0, 0
-        w.done_reason, w.frame_embed = None, None
-        w.seen = torch.zeros(self.cfg.talker.vocab_size, dtype=torch.bool, device=self.device)
-        w.hidden = h[0, -1]
-        self.codec_streams.reset(w.codec_row)
-        if opts.voice.ref_codes is not None:
-            # ICL: the codec hears the reference first, as the official decode of ref+generated does.
-            self.codec_streams.prime(w.codec_row, opts.voice.ref_codes.T.to(self.device))
-        c0 = self._sample_talker([s], h[:, -1])[0]
+        streams = [s for s, _ in batch]
+        works: list[_Work] = [s.engine_data for s in streams]
+        embeds = [self.embed_slots(pre.slots, s.options.voice)[0] for s, pre in batch]  # [P_i, H]
+        lengths = [e.shape[0] for e in embeds]
+        p_max = max(lengths)
+        self._ensure_capacity(p_max + 1)
+        x = torch.zeros(len(batch), p_max, embeds[0].shape[-1], device=self.device, dtype=self.dtype)
+        for i, e in enumerate(embeds):  # right-padded: pad positions write KV past the prompt,
+            x[i, : e.shape[0]] = e  # where the stream's own decode steps overwrite them
+        positions = torch.arange(p_max, device=self.device).expand(len(batch), -1)
+        rows = torch.tensor([w.row for w in works], device=self.device)
+        h = self.talker.forward_hidden(x, positions, PrefillStore(self.cache, rows))
+        last = h[torch.arange(len(batch), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        for (s, pre), w, n in zip(batch, works, lengths, strict=True):
+            w.utterance, w.length = s.utterances[0], n
+            w.consumed, w.eos_fed = pre.consumed, pre.eos_fed
+            w.frame, w.tokens, w.pending, w.pending_start, w.chunks = 0, 0, [], 0, 0
+            w.done_reason, w.frame_embed = None, None
+            w.seen = torch.zeros(self.cfg.talker.vocab_size, dtype=torch.bool, device=self.device)
+            self.codec_streams.reset(w.codec_row)
+            if s.options.voice.ref_codes is not None:
+                # ICL: the codec hears the reference first, as the official decode of ref+generated does.
+                self.codec_streams.prime(w.codec_row, s.options.voice.ref_codes.T.to(self.device))
+        for i, w in enumerate(works):
+            w.hidden = last[i]
+        c0 = self._sample_talker(streams, last)
         with self._cond:
-            if s.state is State.WAITING:
-                s.state = State.RUNNING
-            if w.started_at is None:
-                w.started_at = time.monotonic()
-            self._accept_c0(s, c0)
-        self.stats.prefills += 1
+            now = time.monotonic()
+            for s, w, code in zip(streams, works, c0, strict=True):
+                if s.state is State.WAITING:
+                    s.state = State.RUNNING
+                if w.started_at is None:
+                    w.started_at = now
+                if s.state is State.RUNNING:
+                    self._accept_c0(s, code)
+        self.stats.prefills += len(batch)
         self.stats.prefill_ms += (time.perf_counter() - t0) * 1000.0
 
     def embed_slots(self, slots: list[Slot], voice: ResolvedVoice) -> Tensor:
@@ -698,7 +829,11 @@ class Engine:
 
     def _end_utterance(self, s: Stream, last: bool, now: float) -> None:
         w: _Work = s.engine_data
-        s.utterances.popleft()
+        ended = s.utterances.popleft()
+        if not ended.complete:
+            # The model ended the utterance (EOS or the frame cap) while its text was still open:
+            # text it never read, and text still to come, continue in a new utterance.
+            s._continue_utterance(ended, w.consumed)
         s.metrics.utterances += 1
         if w.started_at is not None:
             s.metrics.generate_ms = (now - w.started_at) * 1000.0 - s.metrics.stall_ms
@@ -792,6 +927,7 @@ class EngineStats:
     talker_rows: int = 0
     talker_span: int = 0
     step_ms: float = 0.0
+    phase_ms: dict[str, float] = field(default_factory=dict)  # wall time per phase (_prefill, ...)
     batch_size: Buckets = field(default_factory=lambda: Buckets((1, 2, 4, 8, 16, 32, 64)))
     step_seconds: Buckets = field(
         default_factory=lambda: Buckets((0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))

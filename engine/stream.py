@@ -282,6 +282,11 @@ class Stream:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     @property
+    def tokens_to_start(self) -> int | None:
+        """Text tokens an utterance needs before audio can start (see StreamOptions.start_tokens)."""
+        return self.options.start_tokens
+
+    @property
     def finished(self) -> bool:
         return self.state in (State.DONE, State.CANCELLED, State.FAILED)
 
@@ -317,6 +322,15 @@ class Stream:
         current.complete = True
         self.utterances.append(self._new_utterance(self._next_utterance))
         self._next_utterance += 1
+
+    def _continue_utterance(self, ended: Utterance, consumed: int) -> None:
+        """Open the next utterance with the queue entries the ended one never fed (lock held)."""
+        leftover = ended.ids[max(consumed, len(self._prefix)) :]
+        nxt = self._new_utterance(self._next_utterance)
+        self._next_utterance += 1
+        nxt.ids.extend(leftover)
+        nxt.target_ids = len(leftover)
+        self.utterances.appendleft(nxt)
 
     def _idle_flush_due(self, now: float) -> bool:
         """Text is waiting unspoken and none has arrived for idle_flush_ms."""

@@ -64,6 +64,7 @@ class EngineHolder:
         )
         self._thread: threading.Thread | None = None
         self.loaded_at: float | None = time.time() if engine is not None else None
+        self._owns_engine = engine is None  # an engine passed in belongs to the caller
 
     def start(self) -> None:
         if self.engine is None and self._thread is None:
@@ -84,7 +85,7 @@ class EngineHolder:
         return self.engine is not None
 
     def close(self) -> None:
-        if self.engine is not None:
+        if self.engine is not None and self._owns_engine:
             self.engine.close()
 
 

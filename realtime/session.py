@@ -372,7 +372,7 @@ class Session:
         offset = ctx.encoder.sample_offset
         payload = ctx.encoder.encode(chunk.samples, last=closing)
         n = len(payload) // ctx.encoder.bytes_per_sample
-        if payload or chunk.last:
+        if payload or chunk.last or chunk.last_in_utterance:  # the flags must reach the client
             flags = dict(first=ctx.seq == 0, last=chunk.last, utterance_end=chunk.last_in_utterance)
             frame = P.pack_audio_frame(ctx.stream_no, ctx.seq, offset, payload, **flags)
             ctx.seq += 1

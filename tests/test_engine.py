@@ -390,3 +390,44 @@ def test_hub_id_resolves_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     ckpt = load_checkpoint("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
     assert ckpt.path == snap and ckpt.config.model_type == "custom_voice"
+
+
+def test_newcomers_prefilled_together_equal_alone(engine: Engine) -> None:
+    """Streams that start in the same step share one padded prefill forward (prompts of different
+    lengths: auto vs a language, dialect speakers); each still equals its run alone."""
+    specs = [
+        ("ryan", "auto", "One."),
+        ("serena", "english", "Two words."),
+        ("eric", "chinese", "Three more words."),
+        ("dylan", "auto", "Four."),
+    ]
+    alone = [
+        speak(engine, t, voice=v, language=lang, sampling=GREEDY, max_frames=12)[0] for v, lang, t in specs
+    ]
+    before = engine.stats.prefills
+    streams = []
+    for v, lang, t in specs:
+        s = engine.open_stream(voice=v, language=lang, sampling=GREEDY, max_frames=12)
+        s.push_text(t)
+        s.end()
+        streams.append(s)
+    engine.step()
+    assert engine.stats.prefills - before == len(specs), "newcomers were not prefilled in one step"
+    run_until_done(engine, streams)
+    for s, ref in zip(streams, alone, strict=True):
+        np.testing.assert_array_equal(collect(s)[0], ref)
+
+
+def test_utterance_ending_while_text_still_arrives(engine: Engine) -> None:
+    """The frame cap (or an early EOS) ends an utterance whose text is still streaming in: the
+    rest of the text continues in a new utterance instead of breaking the stream."""
+    s = engine.open_stream(voice="ryan", sampling=GREEDY, max_frames=6, chunk_schedule=[1])
+    for _ in range(60):
+        s.push_text("word ")
+        engine.step()
+        engine.step()
+    s.end()
+    run_until_done(engine, [s])
+    chunks = list(s.chunks(timeout=5))
+    assert s.state is State.DONE and s.metrics.utterances >= 3
+    assert chunks[-1].last and sum(c.last_in_utterance for c in chunks) == s.metrics.utterances

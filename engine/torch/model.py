@@ -357,6 +357,21 @@ class TalkerCache(KVStore):
         self.capacity = capacity
 
 
+class PrefillStore(KVStore):
+    """Prefill of new prompts: attention over the new tokens only (causal), keys/values written
+    to the streams' cache rows at positions 0..T-1. Any rows, no gathering of old cache."""
+
+    def __init__(self, cache: TalkerCache, rows: Tensor):
+        self.cache, self.rows = cache, rows
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        t = k.shape[2]
+        self.cache.k[layer][self.rows, :, :t] = k
+        self.cache.v[layer][self.rows, :, :t] = v
+        causal = torch.ones(t, t, dtype=torch.bool, device=k.device).tril()[None, None]
+        return k, v, causal
+
+
 class PredictorCache(KVStore):
     """Fresh per frame: every row is at the same position, 16 positions at most."""
 

@@ -77,6 +77,29 @@ def load_talker(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     return talker.eval()
 
 
+def load_speaker_encoder(ckpt: Checkpoint, device: torch.device) -> nn.Module:
+    """The x-vector extractor of a Base checkpoint (fp32: a small model, run once per voice)."""
+    from engine.torch.speaker import SpeakerEncoder
+
+    cfg = ckpt.config.speaker_encoder
+    if cfg is None:
+        raise CheckpointError(f"{ckpt.name} is a {ckpt.config.model_type} model: it has no speaker encoder")
+    if ckpt.is_random:
+        enc = SpeakerEncoder(cfg)
+        init_random_(enc, seed=(ckpt.random_seed or 0) + 2)
+        return enc.to(device).eval()
+    with torch.device("meta"):
+        enc = SpeakerEncoder(cfg)
+    _assign(
+        enc,
+        _read_prefixed(ckpt.weights_file, "speaker_encoder."),
+        str(ckpt.weights_file),
+        torch.float32,
+        device,
+    )
+    return enc.eval()
+
+
 def load_codec_encoder(
     ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
