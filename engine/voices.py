@@ -80,7 +80,8 @@ class VoiceStore:
                     xvector BLOB NOT NULL, ref_codes BLOB, ref_text TEXT,
                     ref_seconds REAL NOT NULL, created REAL NOT NULL)"""
             )
-            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS voices_name ON voices(family, name)")
+            # Names are looked up case-insensitively, so they are unique case-insensitively.
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS voices_name_ci ON voices(family, lower(name))")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

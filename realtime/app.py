@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine.scheduler import Engine
 from realtime import protocol as P
+from realtime import voices_api
 from realtime.compat import openai as oa
 from realtime.session import Session
 
@@ -44,6 +45,7 @@ class ServerSettings:
     api_key: str | None = None
     max_sessions: int = 64
     max_streams: int = 8  # streams generating at once (the engine's batch rows)
+    voices_db: str | None = None  # SQLite store of cloned voices (Base models)
     limits: P.Limits = field(default_factory=P.Limits)
 
 
@@ -60,7 +62,12 @@ class EngineHolder:
         self.engine: Engine | None = engine
         self.error: str | None = None
         self._factory = factory or (
-            lambda: Engine(settings.model, device=settings.device, max_streams=settings.max_streams)
+            lambda: Engine(
+                settings.model,
+                device=settings.device,
+                max_streams=settings.max_streams,
+                voices_db=settings.voices_db,
+            )
         )
         self._thread: threading.Thread | None = None
         self.loaded_at: float | None = time.time() if engine is not None else None
@@ -249,7 +256,15 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
 
     async def voices(request: Request) -> Response:
         assert holder.engine is not None
-        return JSONResponse(oa.voices_payload(holder.engine))
+        return JSONResponse(voices_api.list_voices(holder.engine))
+
+    async def create_voice(request: Request) -> Response:
+        assert holder.engine is not None
+        return await voices_api.create_voice(request, holder.engine)
+
+    async def delete_voice(request: Request) -> Response:
+        assert holder.engine is not None
+        return await voices_api.delete_voice(request, holder.engine)
 
     async def models(request: Request) -> Response:
         created = int(holder.loaded_at or time.time())
@@ -273,6 +288,8 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
             Route("/metrics", metrics),
             Route("/v1/audio/speech", guard(speech), methods=["POST"]),
             Route("/v1/audio/voices", guard(voices), methods=["GET"]),
+            Route("/v1/audio/voices", guard(create_voice), methods=["POST"]),
+            Route("/v1/audio/voices/{voice_id}", guard(delete_voice), methods=["DELETE"]),
             Route("/v1/models", guard(models), methods=["GET"]),
             WebSocketRoute("/v1/tts/stream", ws_stream),
         ],

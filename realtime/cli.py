@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from realtime import protocol as P
 
@@ -24,6 +25,11 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--max-sessions", type=int, default=64, help="concurrent WebSocket sessions")
     p.add_argument("--max-streams", type=int, default=8, help="streams generating at once (batch rows)")
     p.add_argument("--max-contexts", type=int, default=4, help="open contexts per session")
+    p.add_argument(
+        "--voices-db",
+        default=os.environ.get("TTS_VOICES_DB", str(_data_dir() / "voices.sqlite")),
+        help="SQLite store of cloned voices (Base models; env TTS_VOICES_DB)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     from realtime.app import ServerSettings, run
@@ -33,10 +39,14 @@ def _serve(argv: list[str]) -> int:
     )
     settings = ServerSettings(
         model=args.model, device=args.device, api_key=args.api_key, max_sessions=args.max_sessions,
-        max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts),
+        max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts), voices_db=args.voices_db,
     )  # fmt: skip
     run(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "qwen3-tts-realtime"
 
 
 def main(argv: list[str] | None = None) -> int:

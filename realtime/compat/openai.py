@@ -55,21 +55,6 @@ def alias_resolver(engine: Engine) -> Callable[[str], str]:
     return resolve
 
 
-def voices_payload(engine: Engine) -> dict[str, Any]:
-    presets = engine.voices
-    aliases = {k: v for k, v in OPENAI_VOICES.items() if v in presets}
-    voices = [
-        {
-            "id": name,
-            "name": name,
-            "type": "preset",
-            "aliases": sorted(a for a, t in aliases.items() if t == name),
-        }
-        for name in presets
-    ]
-    return {"object": "list", "data": voices, "model_type": engine.model_type}
-
-
 async def speech(request: Request, engine: Engine, model_name: str) -> Response:
     try:
         body = await request.json()
