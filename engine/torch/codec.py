@@ -1,6 +1,6 @@
 """The 12 Hz codec decoder in plain PyTorch: 16 codebooks x T frames -> T x 1920 samples at 24 kHz.
 
-Pipeline (MODEL.md §1.5), shapes for one call of n frames (B rows, S = samples so far per frame):
+Pipeline (MODEL.md §1.5), shapes for one call of n frames of B streams:
 
     codes [B, 16, n]
     -> split RVQ lookup + projections          [B, 512, n]
@@ -28,8 +28,13 @@ streams in one pool and advances any subset of them in one batched call.
 Module and parameter names are the official checkpoint's `decoder.*` keys without the prefix
 (odd ones such as `quantizer.rvq_rest.vq.layers.3._codebook.embedding_sum` included), so the
 official weights load with `load_state_dict(strict=True)`. Tensors derived from the weights
-(codebook tables, SnakeBeta factors, transposed-conv GEMM matrices) are non-persistent buffers
-recomputed by `prepare()`, which `load_state_dict` runs automatically.
+(codebook tables, SnakeBeta factors, fused q/k/v and gate/up weights) are non-persistent
+buffers recomputed by `prepare()`, which `load_state_dict` runs automatically.
+
+Speed (CPU; on CUDA the plain kernels are used): a streaming call decodes a few frames, so the
+first layers multiply a few activation rows by large weights and are bound by reading them
+(`matmul`), while the last blocks are bound by arithmetic on many samples (`_tail`). See
+`engine/torch/bench_codec.py` for the measurements.
 """
 
 from __future__ import annotations
@@ -64,36 +69,37 @@ class _Stateful(nn.Module):
 
 # Streaming decodes a few frames per call, so most products have few activation rows against a
 # large weight (up to 75 MB): they are bound by reading the weight. MKL runs such a skinny GEMM
-# on one thread at a fraction of the memory bandwidth; splitting the weight's rows into groups
-# and running one batched GEMM lets ATen put the groups on all threads (2-3x faster on a 2-core
-# CPU). Many rows, or CUDA: the plain kernels.
+# on one thread at a fraction of the memory bandwidth, and oneDNN's conv is no better; splitting
+# the weight's output columns into groups and running one batched GEMM lets ATen put the groups
+# on all threads (1.5-3x faster on a 2-core CPU). Many rows, or CUDA: the plain kernels.
+# The thresholds are module constants so that tests can force every path.
 SKINNY_GROUPS = 16
-SKINNY_ROWS = 256  # tuned: see engine/torch/bench_codec.py
-CONV_GEMM_MIN_WEIGHT = 4 << 20
-TILE_ELEMENTS = 1 << 20
+SKINNY_ROWS = 256  # at most this many activation rows: grouped GEMM
+CONV_GEMM_MIN_WEIGHT = 4 << 20  # a k > 1 conv takes the GEMM path only with this many weights
+TILE_ELEMENTS = 1 << 20  # time tiles of the last blocks: ~4 MB activations in fp32 (see _tail)
 
 
 def is_skinny(rows: int, weight: Tensor) -> bool:
     return weight.device.type == "cpu" and rows <= SKINNY_ROWS
 
 
-def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [N, K] @ weight [M, K]ᵀ + bias [M] -> [N, M]."""
-    n, m = x.shape[0], weight.shape[0]
-    if not is_skinny(n, weight):
-        return F.linear(x, weight, bias)
+def matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [N, K] @ w [K, M] + bias [M] -> [N, M]; w may be any strided view (weight.t(), ...)."""
+    n, m = x.shape[0], w.shape[1]
+    if not is_skinny(n, w):
+        return x @ w if bias is None else torch.addmm(bias, x, w)
     g = math.gcd(m, SKINNY_GROUPS)
-    w = weight.view(g, m // g, -1).transpose(1, 2)  # [G, K, M/G]
+    wg = w.unflatten(1, (g, m // g)).transpose(0, 1)  # [G, K, M/G], a view
     xs = x.expand(g, *x.shape)
-    out = torch.bmm(xs, w) if bias is None else torch.baddbmm(bias.view(g, 1, m // g), xs, w)
+    out = torch.bmm(xs, wg) if bias is None else torch.baddbmm(bias.view(g, 1, m // g), xs, wg)
     return out.transpose(0, 1).reshape(n, m)  # [G, N, M/G] -> [N, M]
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters) that takes the few-rows path of `matmul_t`."""
+    """nn.Linear (same parameters) that takes the few-rows path of `matmul`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = matmul_t(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        out = matmul(x.reshape(-1, x.shape[-1]), self.weight.t(), self.bias)
         return out.view(*x.shape[:-1], -1)
 
 
@@ -163,7 +169,7 @@ class CausalConv(_Stateful):
         k, d = self.conv.kernel_size[0], self.conv.dilation[0]
         sb, sc, st = window.stride()
         cols = window.as_strided((b, n, c, k), (sb, st, sc, d * st), window.storage_offset())
-        out = matmul_t(cols.reshape(b * n, c * k), w.view(w.shape[0], -1), self.conv.bias)
+        out = matmul(cols.reshape(b * n, c * k), w.view(w.shape[0], -1).t(), self.conv.bias)
         return out.view(b, n, -1).transpose(1, 2)
 
     def gemm_preferred(self, rows: int) -> bool:
@@ -176,11 +182,11 @@ class CausalConv(_Stateful):
 class CausalTransConv(_Stateful):
     """ConvTranspose1d(kernel k, stride s) trimmed by k - s samples on the right (official).
 
-    Computed as one GEMM plus an overlap-add, because torch's CPU ConvTranspose1d is slow: every
-    input sample t yields a k-sample response starting at output t·s. With k = 2s the second
-    half of the last sample's response belongs to the next frame: that is exactly what the
-    official code trims, and it is the streaming state here (kept without the bias, which is
-    added once, with the first half).
+    Every input sample t adds a k-sample response at output t·s. With k = 2s the second half
+    of the last sample's response belongs to the next frame: that is exactly what the official
+    code trims, and it is the streaming state here (kept without the bias, which is added once,
+    with the first half). For a few input samples against a large weight (75 MB for the first
+    decoder block) torch's ConvTranspose1d is slow: that case is one GEMM plus an overlap-add.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
@@ -190,33 +196,35 @@ class CausalTransConv(_Stateful):
         self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
         self.stride = stride
         self.halves = kernel_size // stride
-        # GEMM form of the weight: rows ordered (half, out channel, sample within the half).
-        self.register_buffer("matrix", torch.zeros(kernel_size * out_channels, in_channels), persistent=False)
-        self.register_buffer("bias_row", torch.zeros(kernel_size * out_channels), persistent=False)
+        # The bias as a row of the GEMM's output [C_out, half, s]: on the first half only.
+        self.register_buffer("bias_row", torch.zeros(out_channels * kernel_size), persistent=False)
 
     def state_shape(self) -> tuple[int, ...] | None:
         return (self.conv.out_channels, self.stride) if self.halves == 2 else None
 
     def prepare(self) -> None:
-        w = self.conv.weight.detach()  # [C_in, C_out, k]
-        c_in, c_out, _ = w.shape
-        s = self.stride
-        self.matrix = w.view(c_in, c_out, self.halves, s).permute(2, 1, 3, 0).reshape(-1, c_in).contiguous()
-        bias = torch.zeros(self.halves, c_out, s, dtype=w.dtype, device=w.device)
-        bias[0] = self.conv.bias.detach()[:, None]
-        self.bias_row = bias.reshape(-1)
+        bias = self.conv.bias.detach()
+        row = torch.zeros(bias.shape[0], self.halves, self.stride, dtype=bias.dtype, device=bias.device)
+        row[:, 0] = bias[:, None]
+        self.bias_row = row.reshape(-1)
 
     def forward(self, x: Tensor, state: StreamState) -> Tensor:
         """x [B, C_in, T] -> [B, C_out, T·s]."""
         b, c_in, t = x.shape
-        c_out, s = self.conv.out_channels, self.stride
-        # resp[b, t, j, c, i]: sample i of half j of input sample t's response (+ bias if j = 0).
+        c_out, s, w = self.conv.out_channels, self.stride, self.conv.weight  # w: [C_in, C_out, k]
+        if not is_skinny(b * t, w):
+            y = F.conv_transpose1d(x, w, self.conv.bias, stride=s)  # [B, C_out, (T + halves - 1)·s]
+            if self.halves == 2:
+                y[..., :s] += state[self.state_key]
+                state[self.state_key] = y[..., t * s :] - self.conv.bias[:, None]
+            return y[..., : t * s]
+        # resp[b, c, j, t, i]: sample i of half j of input sample t's response (+ bias if j = 0).
         rows = x.transpose(1, 2).reshape(b * t, c_in)
-        resp = matmul_t(rows, self.matrix, self.bias_row).view(b, t, self.halves, c_out, s)
-        resp = resp.permute(0, 2, 3, 1, 4)  # [B, halves, C_out, T, s]
+        resp = matmul(rows, w.view(c_in, -1), self.bias_row).view(b, t, c_out, self.halves, s)
+        resp = resp.permute(0, 2, 3, 1, 4)
         if self.halves == 1:
-            return resp[:, 0].reshape(b, c_out, t * s)
-        first, second = resp[:, 0], resp[:, 1]  # [B, C_out, T, s]
+            return resp[:, :, 0].reshape(b, c_out, t * s)
+        first, second = resp[:, :, 0], resp[:, :, 1]  # [B, C_out, T, s]
         out = x.new_empty(b, c_out, t, s)
         # Output block t = first half of response t + second half of response t-1.
         torch.add(first[:, :, 1:], second[:, :, :-1], out=out[:, :, 1:])
@@ -355,8 +363,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()  # normalize in fp32 whatever the compute dtype, as the official model
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalized in fp32 whatever the compute dtype, then scaled, as the official model.
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -365,13 +373,15 @@ class LayerScale(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.full((dim,), 0.01))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scale * x
+    def add_scaled(self, x: Tensor, h: Tensor) -> Tensor:
+        """x + scale·h"""
+        return torch.addcmul(x, self.scale, h)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _fused_weight(*linears: nn.Linear) -> Tensor:
+    """The linears' weights stacked, for one product instead of several (a derived copy: the
+    checkpoint keeps them apart)."""
+    return torch.cat([lin.weight.detach() for lin in linears])
 
 
 class Attention(_Stateful):
@@ -385,28 +395,33 @@ class Attention(_Stateful):
         self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.register_buffer("qkv_weight", torch.zeros(0), persistent=False)
+
+    def prepare(self) -> None:
+        self.qkv_weight = _fused_weight(self.q_proj, self.k_proj, self.v_proj)
 
     def state_shape(self) -> tuple[int, ...]:
         # Keys (already rotated) and values of the previous `context` frames, oldest first.
         return (2, self.n_kv_heads, self.context, self.head_dim)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, state: StreamState) -> Tensor:
-        # x: [B, n, hidden]; rope cos/sin: [B, 1, n, D]; mask: bool [B, 1, n, context + n]
+        # x: [B, n, hidden]; rope cos/sin: [B, n, 1, D]; mask: additive [B, 1, n, context + n]
         b, n, _ = x.shape
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         cos, sin = rope
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        kv = torch.cat((state[self.state_key], torch.stack((k, v), dim=1)), dim=3)  # [B, 2, Hkv, ctx+n, D]
+        qkv = matmul(x.reshape(b * n, -1), self.qkv_weight.t()).view(b, n, hq + 2 * hkv, d)
+        qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
+        half1, half2 = qk.chunk(2, dim=-1)
+        qk = torch.addcmul(qk * cos, torch.cat((-half2, half1), dim=-1), sin)  # RoPE, rotate-half
+        q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:]  # q: [B, Hq, n, D]
+        new = torch.stack((k, v), dim=1).transpose(2, 3)  # [B, 2, Hkv, n, D]
+        kv = torch.cat((state[self.state_key], new), dim=3)  # [B, 2, Hkv, ctx + n, D]
         state[self.state_key] = kv[:, :, :, n:]
         k, v = kv[:, 0], kv[:, 1]
-        if self.n_heads != self.n_kv_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        if hq != hkv:
+            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, hq * d))
 
 
 class Mlp(nn.Module):
@@ -415,9 +430,14 @@ class Mlp(nn.Module):
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
+        self.register_buffer("gate_up_weight", torch.zeros(0), persistent=False)
+
+    def prepare(self) -> None:
+        self.gate_up_weight = _fused_weight(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = matmul(x.reshape(-1, x.shape[-1]), self.gate_up_weight.t()).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up)).view(x.shape)
 
 
 class TransformerLayer(nn.Module):
@@ -431,8 +451,10 @@ class TransformerLayer(nn.Module):
         self.mlp_layer_scale = LayerScale(cfg.hidden_size)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, state: StreamState) -> Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), rope, mask, state))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+        x = self.self_attn_layer_scale.add_scaled(
+            x, self.self_attn(self.input_layernorm(x), rope, mask, state)
+        )
+        return self.mlp_layer_scale.add_scaled(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
@@ -449,24 +471,28 @@ class Transformer(nn.Module):
         self.rope_theta = cfg.rope_theta
 
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin [B, 1, n, D] for absolute positions [B, n] (rotate-half layout)."""
+        """cos/sin [B, n, 1, D] for absolute positions [B, n] (rotate-half layout)."""
         d = self.head_dim
         # The official fp32 inverse frequencies; the angles in fp64, because positions keep
         # counting for the life of a stream and an fp32 angle loses precision as they grow.
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d))
         angles = positions[..., None].double() * inv_freq.double()  # [B, n, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def _mask(self, frames: Tensor, n: int) -> Tensor:
-        """bool [B, 1, n, ctx + n]: query i (absolute frames+i) sees key j (absolute frames-ctx+j)
-        iff it lies in the window (i <= j <= i + ctx) and exists (frames - ctx + j >= 0)."""
+    def _mask(self, frames: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask [B, 1, n, ctx + n]: query i (absolute frames+i) sees key j (absolute
+        frames-ctx+j) iff it lies in the window (i <= j <= i + ctx) and exists (frames-ctx+j >= 0)."""
         ctx = self.window - 1
         i = torch.arange(n, device=frames.device)[:, None]
         j = torch.arange(ctx + n, device=frames.device)[None, :]
         in_window = (j >= i) & (j <= i + ctx)  # [n, ctx + n]
         exists = j >= ctx - frames[:, None, None]  # [B, 1, ctx + n]
-        return (in_window & exists)[:, None]
+        visible = (in_window & exists)[:, None]
+        # One float mask per call: with a bool mask, sdpa converts it again in every layer.
+        return torch.zeros(visible.shape, dtype=dtype, device=frames.device).masked_fill_(
+            ~visible, -torch.inf
+        )
 
     def forward(self, x: Tensor, state: StreamState) -> Tensor:
         # x: [B, n, latent] -> [B, n, latent]
@@ -474,7 +500,7 @@ class Transformer(nn.Module):
         frames = state[FRAMES]
         positions = frames[:, None] + torch.arange(n, device=x.device)
         rope = self._rope(positions, x.dtype)
-        mask = self._mask(frames, n)
+        mask = self._mask(frames, n, x.dtype)
         h = self.input_proj(x)
         for layer in self.layers:
             h = layer(h, rope, mask, state)
@@ -567,9 +593,10 @@ class CodecDecoder(nn.Module):
         b, _, n = codes.shape
         if state[FRAMES].shape[0] != b:
             raise ValueError(f"codes have {b} streams but the state has {state[FRAMES].shape[0]}")
+        table = self.quantizer.table
         if n == 0:
-            return codes.new_zeros(b, 0, dtype=self.decoder[-1].conv.weight.dtype)
-        x = self.quantizer(codes.long())  # [B, 512, n]
+            return table.new_zeros(b, 0)
+        x = self.quantizer(codes.to(table.device, torch.long))  # [B, 512, n]
         x = self.pre_conv(x, state)  # [B, 1024, n]
         x = self.pre_transformer(x.transpose(1, 2), state).transpose(1, 2)  # [B, 1024, n]
         for transconv, convnext in self.upsample:  # type: ignore[misc]
@@ -597,7 +624,7 @@ class CodecDecoder(nn.Module):
 
     def forward(self, codes: Tensor) -> Tensor:
         """One full pass from silence, as the official `decoder(codes)`: [B, Q, T] -> [B, T·1920]."""
-        return self.step(codes, self.init_state(codes.shape[0], codes.device))
+        return self.step(codes, self.init_state(codes.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------
