@@ -321,10 +321,11 @@ def test_bad_use_gives_clear_errors(engine: Engine) -> None:
         engine.open_stream(voice="ryan", language="klingon")
     with pytest.raises(EngineError, match="chunk_schedule"):
         engine.open_stream(voice="ryan", chunk_schedule=[0])
+    s2 = engine.open_stream(voice="ryan")
     with pytest.raises(TypeError):
-        s2 = engine.open_stream(voice="ryan")
         s2.push_text(123)  # type: ignore[arg-type]
-    run_until_done(engine, [s])
+    s2.cancel()
+    run_until_done(engine, [s, s2])
 
 
 def test_empty_text_ends_without_audio(engine: Engine) -> None:
@@ -404,6 +405,8 @@ def test_newcomers_prefilled_together_equal_alone(engine: Engine) -> None:
     alone = [
         speak(engine, t, voice=v, language=lang, sampling=GREEDY, max_frames=12)[0] for v, lang, t in specs
     ]
+    engine.step()  # let earlier tests' cancelled streams leave
+    assert engine.active_streams == 0 and engine.queued_streams == 0
     before = engine.stats.prefills
     streams = []
     for v, lang, t in specs:
