@@ -131,8 +131,11 @@ def official_models(ckpt: Checkpoint, engine: Any) -> tuple[Any, Any]:
             k: json.loads((ckpt.path / k).read_text())
             for k in ("config.json", "speech_tokenizer/config.json")
         }
+    from engine.torch.weights import load_talker
+
     model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**dicts["config.json"])).eval()
-    model.talker.load_state_dict(engine.talker.state_dict())
+    # The engine's talker is in its fused inference form; load the checkpoint layout afresh.
+    model.talker.load_state_dict(load_talker(ckpt, torch.device("cpu"), torch.float32).state_dict())
     model.to(device=engine.device, dtype=engine.dtype)
     codec_cfg = {
         k: v

@@ -115,15 +115,27 @@ def talker_processors(
     return s.masked_fill(suppress, -float("inf"))
 
 
-def warp(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def warp(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    *,
+    use_top_k: bool = True,
+    use_top_p: bool = True,
+) -> Tensor:
     """Temperature -> top-k -> top-p with per-row parameters [B] (transformers' warpers).
 
-    Rows with top_k == 0 or top_p == 1 skip that warper, as transformers does.
+    Rows with top_k == 0 or top_p == 1 skip that warper, as transformers does. `use_top_k` /
+    `use_top_p` False (known on the host: no row uses it) skip the work altogether.
     """
     s = logits / temperature[:, None].to(logits.dtype)
-    k = top_k.clamp(min=1, max=s.shape[1])
-    kth = torch.topk(s, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    s = s.masked_fill((s < kth) & (top_k > 0)[:, None], -float("inf"))
+    if use_top_k:
+        k = top_k.clamp(min=1, max=s.shape[1])
+        kth = torch.topk(s, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        s = s.masked_fill((s < kth) & (top_k > 0)[:, None], -float("inf"))
+    if not use_top_p:
+        return s
     sorted_s, order = torch.sort(s, descending=False)
     cum = sorted_s.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cum <= (1 - top_p[:, None].to(cum.dtype))
@@ -149,6 +161,8 @@ class RowSampler:
             self.top_k = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)
             self.top_p = torch.tensor([r[2] for r in rows], dtype=torch.float32, device=device)
             self.all_rows = len(self.sample_rows) == len(params)
+            self.use_top_k = any(r[1] > 0 for r in rows)
+            self.use_top_p = any(r[2] < 1.0 for r in rows)
 
     def __call__(self, logits: Tensor) -> Tensor:
         """One id per row: argmax for greedy rows, a warped multinomial draw for the others."""
@@ -156,7 +170,15 @@ class RowSampler:
         if not self.sample_rows:
             return out
         sub = logits if self.all_rows else logits[self.index]
-        probs = warp(sub.float(), self.temperature, self.top_k, self.top_p).softmax(dim=-1)
+        warped = warp(
+            sub.float(),
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            use_top_k=self.use_top_k,
+            use_top_p=self.use_top_p,
+        )
+        probs = warped.softmax(dim=-1)
         for j, row in enumerate(self.sample_rows):
             out[row] = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[row])[0, 0]
         return out

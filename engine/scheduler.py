@@ -170,7 +170,10 @@ class Engine:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.cfg = self.checkpoint.config
         self.tokenizer = TextTokenizer.from_dir(self.checkpoint.tokenizer_dir)
-        self.talker = load_talker(self.checkpoint, self.device, self.dtype)
+        # Grouped column blocks make small-batch GEMMs use every CPU thread (see FusedLinear).
+        self.talker = load_talker(self.checkpoint, self.device, self.dtype).to_inference(
+            groups=1 if self.device.type == "cuda" else 8
+        )
         self.codec = load_codec_decoder(self.checkpoint, self.device, self.dtype)
         self.max_streams = max_streams
         self.max_queued_streams = max_queued_streams

@@ -84,6 +84,61 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class FusedLinear(nn.Module):
+    """Linear layers that read the same input, as one matrix product (inference only).
+
+    On CPU the weight is stored as `groups` column blocks [G, in, out/G] and multiplied with one
+    batched GEMM: MKL runs a GEMM with a handful of rows (one row per stream) on a single thread
+    at a fraction of memory bandwidth, while the batched form spreads the column blocks over
+    all threads. Measured on the 2-core dev CPU for a 28-layer 0.6B talker stack: 1.2x faster
+    at 1 row and 1.6-2.5x at 2-8 rows than F.linear. On CUDA (groups=1) it is a plain F.linear
+    of the concatenated weights: one kernel instead of several.
+    """
+
+    def __init__(self, linears: list[nn.Linear], groups: int = 1):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [out, in]
+        self.out_features, self.in_features = weight.shape
+        self.splits = [lin.out_features for lin in linears]
+        biases = [lin.bias for lin in linears]
+        self.bias: Tensor | None = (
+            torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None  # type: ignore[misc]
+        )
+        self.groups = groups if groups > 1 and self.out_features % groups == 0 else 1
+        if self.groups > 1:
+            g = self.groups
+            self.weight = (
+                weight.t().reshape(self.in_features, g, self.out_features // g).permute(1, 0, 2).contiguous()
+            )
+        else:
+            self.weight = weight.contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.groups > 1:
+            m = x2.shape[0]
+            y = torch.bmm(x2.expand(self.groups, m, self.in_features), self.weight)  # [G, M, out/G]
+            y = y.transpose(0, 1).reshape(m, self.out_features)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x2, self.weight, self.bias)
+        return y.view(*lead, self.out_features)
+
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self(x).split(self.splits, dim=-1))
+
+
+def fuse_linears(module: nn.Module, groups: int) -> None:
+    """Replace every plain nn.Linear below `module` by its FusedLinear form (one weight each)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, FusedLinear([child], groups))
+        else:
+            fuse_linears(child, groups)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -95,11 +150,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
+    def fuse(self, groups: int) -> None:
+        """Inference form: q/k/v as one product (the separate weights are dropped)."""
+        self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj], groups)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.o_proj = FusedLinear([self.o_proj], groups)  # type: ignore[assignment]
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv: KVStore, layer: int) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv.split(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H*, T, D]
         keys, values, mask = kv.update(layer, k, v)
@@ -114,7 +179,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
+    def fuse(self, groups: int) -> None:
+        """Inference form: gate and up as one product (the separate weights are dropped)."""
+        self.gate_up = FusedLinear([self.gate_proj, self.up_proj], groups)
+        del self.gate_proj, self.up_proj
+        self.down_proj = FusedLinear([self.down_proj], groups)  # type: ignore[assignment]
+
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "gate_up"):
+            gate, up = self.gate_up.split(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -145,8 +219,11 @@ class DecoderStack(nn.Module):
         """Recompute the RoPE table (not stored in checkpoints; meta after a meta-device build)."""
         self.inv_freq = rope_inv_freq(*self.rope).to(device)
 
-    def run(self, x: Tensor, positions: Tensor, kv: KVStore) -> Tensor:
-        rope = rope_tables(positions, self.inv_freq, x.dtype)
+    def run(
+        self, x: Tensor, positions: Tensor, kv: KVStore, rope: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        if rope is None:
+            rope = rope_tables(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv, i)
         return self.norm(x)
@@ -211,11 +288,15 @@ class CodePredictor(nn.Module):
         b = talker_hidden.shape[0]
         cache = PredictorCache(self.cfg, b, self.num_groups, talker_hidden.device, talker_hidden.dtype)
         x = torch.stack((talker_hidden, code0_embedding), dim=1)  # [B, 2, H]
+        # Every frame uses positions 0..15: one RoPE table, sliced per pass (broadcast over rows).
+        all_pos = torch.arange(self.num_groups, device=x.device)[None]
+        cos, sin = rope_tables(all_pos, self.model.inv_freq, x.dtype)  # [1, 1, 16, D]
         codes: list[Tensor] = []
         embs: list[Tensor] = []
         for g in range(self.num_groups - 1):
-            positions = torch.arange(cache.length, cache.length + x.shape[1], device=x.device)
-            h = self.model.run(self.small_to_mtp_projection(x), positions.expand(b, -1), cache)
+            p0, p1 = cache.length, cache.length + x.shape[1]
+            rope = (cos[:, :, p0:p1], sin[:, :, p0:p1])
+            h = self.model.run(self.small_to_mtp_projection(x), all_pos[:, p0:p1], cache, rope)
             cache.advance(x.shape[1])
             code = choose(g, self.lm_head[g](h[:, -1]))  # [B]
             codes.append(code)
@@ -233,6 +314,18 @@ class Talker(nn.Module):
         self.text_projection = TextProjection(cfg.text_hidden_size, cfg.transformer.hidden_size)
         self.codec_head = nn.Linear(cfg.transformer.hidden_size, cfg.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor, cfg.transformer.hidden_size)
+
+    @torch.no_grad()
+    def to_inference(self, groups: int = 1) -> Talker:
+        """Switch to the inference form: fused q/k/v and gate/up products and every linear in
+        the layout fastest for the device (see FusedLinear). The checkpoint layout is gone after
+        this (so is training); outputs are unchanged up to float summation order."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fuse(groups)
+        fuse_linears(self, groups)
+        self.prepared = True
+        return self
 
     def embed_text(self, ids: Tensor) -> Tensor:
         return self.text_projection(self.model.text_embedding(ids))
