@@ -359,7 +359,7 @@ async def serve_in_process(
         engine, name = model, model.checkpoint.name
     settings = ServerSettings(model=name, api_key=api_key, max_sessions=max_sessions, limits=Limits())
     config = uvicorn.Config(
-        create_app(settings, engine=engine), host="127.0.0.1", port=0, ws="websockets",
+        create_app(settings, engine=engine), host="127.0.0.1", port=0, ws="websockets-sansio",
         # The app's lifespan would close the engine at shutdown (create_app takes ownership of
         # it); the engine is already loaded, so the lifespan has nothing else to do.
         ws_max_size=4 << 20, log_level="warning", lifespan="off",

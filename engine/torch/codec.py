@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import CodecDecoderConfig
+from engine.torch.layers import RMSNorm
 
 # Streaming state of a batch of streams: one tensor per stateful layer (batch first), keyed by
 # the layer's module name, plus FRAMES, the number of frames each stream has decoded.
@@ -354,18 +355,6 @@ class SplitRVQ(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Sliding-window transformer
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalized in fp32 whatever the compute dtype, then scaled, as the official model.
-        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class LayerScale(nn.Module):

@@ -23,19 +23,7 @@ from torch import Tensor, nn
 
 from engine.config import CodePredictorConfig, ModelConfig, TalkerConfig, TransformerConfig
 from engine.prompt import Slot
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32 whatever the compute dtype, as the official model does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+from engine.torch.layers import RMSNorm
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
