@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from typing import Any
 
@@ -55,46 +56,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _model_ms(engine: Any) -> float:
+    ph = engine.stats.phase_ms
+    return ph.get("_predict_codes", 0.0) + ph.get("_talker_step", 0.0)
+
+
 def bench_model(
     engine: Any, batch: int, frames: int, warmup: int, chunk_schedule: list[int]
 ) -> dict[str, float]:
-    """B streams generating together; phase times between `warmup` and `warmup + frames`."""
+    """B streams generating together, from `warmup` to `warmup + frames` frames each.
+
+    Reports the median over steps (shared machines have outliers) of the talker + code
+    predictor time of a step that advanced all B streams, and the codec time per decoded frame
+    (total over the run, so small first chunks and large later ones weigh as they cost).
+    """
     sampling = SamplingParams.from_generation_config(engine.checkpoint.generation)
     streams = [
         engine.open_stream(
-            voice=engine.default_voice(),
-            sampling=sampling,
-            seed=i,
-            max_frames=warmup + frames,
+            voice=engine.default_voice(), sampling=sampling, seed=i, max_frames=warmup + frames,
             chunk_schedule=chunk_schedule,
         )
         for i in range(batch)
-    ]
+    ]  # fmt: skip
     for s in streams:
         s.push_text(TEXT)
         s.end()
     while min(s.metrics.frames for s in streams) < warmup:
         engine.step()
-    _sync(engine.device)
-    before = dict(engine.stats.phase_ms)
-    f0 = sum(s.metrics.frames for s in streams)
-    t0 = time.perf_counter()
+    model_steps: list[float] = []
+    codec_ms, codec_frames = 0.0, 0
     while not all(s.finished for s in streams):
+        f0, m0 = sum(s.metrics.frames for s in streams), _model_ms(engine)
+        c0, d0 = (
+            engine.stats.phase_ms.get("_decode_chunks", 0.0),
+            sum(len(s.engine_data.pending) for s in streams),
+        )
         engine.step()
-    _sync(engine.device)
-    wall = (time.perf_counter() - t0) * 1000.0
-    done = sum(s.metrics.frames for s in streams) - f0
+        _sync(engine.device)
+        advanced = sum(s.metrics.frames for s in streams) - f0
+        if advanced == batch:
+            model_steps.append(_model_ms(engine) - m0)
+        decoded = d0 + advanced - sum(len(s.engine_data.pending) for s in streams)
+        codec_ms += engine.stats.phase_ms.get("_decode_chunks", 0.0) - c0
+        codec_frames += max(0, decoded)
     for s in streams:
         list(s.chunks(timeout=1))
-    ph = {k: v - before.get(k, 0.0) for k, v in engine.stats.phase_ms.items()}
-    model = ph.get("_predict_codes", 0.0) + ph.get("_talker_step", 0.0)
-    codec = ph.get("_decode_chunks", 0.0)
-    return {"frames": done, "model_ms": model, "codec_ms": codec, "wall_ms": wall}
+    step = statistics.median(model_steps)
+    return {"model_ms_per_step": step, "codec_ms_per_frame": codec_ms / max(1, codec_frames)}
 
 
 def bench_codec(engine: Any, batch: int, chunk: int, frames: int) -> float:
-    """Our streaming codec decoder: ms per decoded frame, `chunk` frames per call for `batch`
-    streams at once (so batch 4 reports the cost of each of the 4 streams' frames)."""
+    """Our streaming codec decoder: median ms per decoded frame, `chunk` frames per call for
+    `batch` streams at once (so batch 4 reports the cost of each of the 4 streams' frames)."""
     from engine.torch.codec import CodecStreams
 
     pool = CodecStreams(engine.codec, batch, device=engine.device, dtype=engine.dtype)
@@ -102,14 +115,16 @@ def bench_codec(engine: Any, batch: int, chunk: int, frames: int) -> float:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 2048, (batch, 16, frames + chunk), generator=g).to(engine.device)
     pool.decode(rows, codes[:, :, :chunk])  # warm up
-    _sync(engine.device)
-    t0 = time.perf_counter()
+    times = []
     done = 0
     while done < frames:
+        _sync(engine.device)
+        t0 = time.perf_counter()
         pool.decode(rows, codes[:, :, done : done + chunk])
+        _sync(engine.device)
+        times.append((time.perf_counter() - t0) * 1000.0 / (chunk * batch))
         done += chunk
-    _sync(engine.device)
-    return (time.perf_counter() - t0) * 1000.0 / (done * batch)
+    return statistics.median(times)
 
 
 def official_models(ckpt: Checkpoint, engine: Any) -> tuple[Any, Any]:
@@ -216,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"machine": info, "model": [], "codec": [], "engine": [], "official": {}}
     for b in batches:  # model only: the codec decodes once at the end (largest chunk size)
-        r = bench_model(engine, b, args.frames, args.warmup, chunk_schedule=[64])
-        step = r["model_ms"] / (r["frames"] / b)
+        step = bench_model(engine, b, args.frames, args.warmup, chunk_schedule=[64])["model_ms_per_step"]
         results["model"].append(
             {"batch": b, "ms_per_step": round(step, 2), "frames_per_s": round(1000.0 * b / step, 2)}
         )
@@ -231,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_model(
             engine, b, args.frames, args.warmup, chunk_schedule=list(engine.default_chunk_schedule)
         )
-        total = r["model_ms"] + r["codec_ms"]
-        fps = 1000.0 * r["frames"] / total
-        rtf = (1000.0 / fps) * b / FRAME_MS  # wall time per stream's 80 ms frame / 80 ms
+        per_step = r["model_ms_per_step"] + b * r["codec_ms_per_frame"]  # one frame for each stream
+        fps = 1000.0 * b / per_step
+        rtf = per_step / FRAME_MS  # wall time per 80 ms frame of each stream
         results["engine"].append(
             {
                 "batch": b,
