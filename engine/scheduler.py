@@ -172,7 +172,7 @@ class Engine:
         self.tokenizer = TextTokenizer.from_dir(self.checkpoint.tokenizer_dir)
         # Grouped column blocks make small-batch GEMMs use every CPU thread (see FusedLinear).
         self.talker = load_talker(self.checkpoint, self.device, self.dtype).to_inference(
-            groups=1 if self.device.type == "cuda" else 8
+            groups=1 if self.device.type == "cuda" else 32
         )
         self.codec = load_codec_decoder(self.checkpoint, self.device, self.dtype)
         self.max_streams = max_streams
