@@ -36,6 +36,7 @@ from torch import Tensor
 from engine.checkpoint import Checkpoint, load_checkpoint
 from engine.prompt import (
     Prefill,
+    PromptError,
     Slot,
     TextMode,
     VoiceSpec,
@@ -450,6 +451,7 @@ class Engine:
                 worked = self.step()
             except Exception:  # a bug must not kill the worker: the step already failed its streams
                 log.exception("engine step failed")
+                time.sleep(0.01)  # and must not spin if it keeps failing
                 worked = True
             if not worked:
                 with self._cond:
@@ -597,11 +599,16 @@ class Engine:
             need = prefill_needs(opts.voice.spec, opts.text_mode)
             if not (utt.complete or (need >= 0 and len(utt.ids) >= need)):
                 continue
-            pre = build_prefill(
-                self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
-                voice=opts.voice.spec, lang_id=opts.lang_id, queue=list(utt.ids), mode=opts.text_mode,
-                text_complete=utt.complete,
-            )  # fmt: skip
+            try:
+                pre = build_prefill(
+                    self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
+                    voice=opts.voice.spec, lang_id=opts.lang_id, queue=list(utt.ids), mode=opts.text_mode,
+                    text_complete=utt.complete,
+                )  # fmt: skip
+            except PromptError as e:  # fail this stream once, not every step
+                s._finish(State.FAILED, str(e))
+                self.stats.failed += 1
+                continue
             if picked and tokens + len(pre.slots) > self.prefill_tokens_per_step:
                 break
             picked.append((s, pre))
