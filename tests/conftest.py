@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.text import TextTokenizer, write_tokenizer_files
 
@@ -39,3 +41,14 @@ def official_tiny(tiny_ckpt: Path):
     from qwen_tts import Qwen3TTSModel
 
     return Qwen3TTSModel.from_pretrained(str(tiny_ckpt), device_map="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module's tests on one torch thread. Their tensors are small: with two OpenMP
+    threads on two cores that other jobs share, the threads mostly wait for each other
+    (measured up to 100x slower than one thread here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

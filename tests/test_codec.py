@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import random
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -130,12 +129,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: two OpenMP threads on two shared cores mostly wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Small tensors: run this module on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

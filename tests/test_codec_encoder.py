@@ -11,7 +11,6 @@ released widths, the frame-count rule and input validation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -113,13 +112,8 @@ def encoder_state(official_model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tensors are small: with two OpenMP threads on two cores that other jobs share, the
-    # threads mostly wait for each other (measured 100x slower than one thread here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Small tensors: run this module on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
