@@ -7,7 +7,8 @@ A model spec is one of
 - `random:<shape>[:<type>]` with shape `tiny`, `tiny-mtp` (tiny with the 1.7B-style
   `small_to_mtp_projection`), `0.6b` or `1.7b` and type `custom_voice` (default), `base` or
   `voice_design`: random weights of that shape built in memory. The audio is noise; these exist
-  for benchmarks and plumbing tests.
+  for benchmarks and plumbing tests. Their weights are shaped so an utterance ends (EOS) right
+  after its text, as a trained model's does, instead of running to the frame cap.
 
 Nothing here depends on a tensor backend: weights are read by the backend's loader.
 """

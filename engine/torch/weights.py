@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engine.checkpoint import Checkpoint, CheckpointError, random_config_dicts, write_config_files
+from engine.config import ModelConfig
 from engine.torch.model import Talker
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def load_talker(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     if ckpt.is_random:
         talker = Talker(ckpt.config.talker)
         init_random_(talker, seed=ckpt.random_seed or 0)
+        end_after_text_(talker, ckpt.config)
         return talker.to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
         talker = Talker(ckpt.config.talker)
@@ -189,6 +191,26 @@ def init_random_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def end_after_text_(talker: Talker, cfg: ModelConfig, *, gain: float = 50.0, eos_logit: float = 12.0) -> None:
+    """Make random weights end utterances like a trained model: EOS once the text is over.
+
+    After the last text token the talker's input carries `tts_pad` at every step. Scaling the
+    pad token's text embedding makes its projection dominate the residual stream there, and
+    pointing the EOS row of the codec head along it makes EOS the likely next code; while text
+    is still being read, EOS stays as unlikely as any other code. Random specs only, so the
+    offline demo and load tests hear utterances of realistic length.
+    """
+    emb = talker.model.text_embedding.weight
+    emb[cfg.tts_pad_id] *= gain
+    direction = talker.embed_text(torch.tensor([cfg.tts_pad_id]))[0].float()
+    direction = direction / direction.norm()
+    hidden = direction.shape[0]
+    head = talker.codec_head.weight
+    # After the final RMSNorm the hidden state has norm ~sqrt(H) along `direction`.
+    head[cfg.talker.codec_eos_id] = (direction * eos_logit / hidden**0.5).to(head.dtype)
+
+
 def write_random_checkpoint(
     dest: str | Path,
     shape: str = "tiny",
@@ -198,7 +220,7 @@ def write_random_checkpoint(
     max_new_tokens: int | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in the official layout (loadable by qwen-tts too)."""
-    from engine.config import ModelConfig, SpeechTokenizerConfig
+    from engine.config import SpeechTokenizerConfig
     from engine.text import write_tokenizer_files
     from engine.torch.codec import CodecDecoder
     from engine.torch.codec_encoder import CodecEncoder
