@@ -434,3 +434,19 @@ def test_utterance_ending_while_text_still_arrives(engine: Engine) -> None:
     chunks = list(s.chunks(timeout=5))
     assert s.state is State.DONE and s.metrics.utterances >= 3
     assert chunks[-1].last and sum(c.last_in_utterance for c in chunks) == s.metrics.utterances
+
+
+def test_random_spec_ends_utterances_after_the_text() -> None:
+    """random:* weights end an utterance by EOS once its text is read, not at the frame cap."""
+    eng = Engine("random:tiny", device="cpu", start=False)
+    try:
+        for text in ("Short one.", "A longer sentence, so the utterance should run for longer as well."):
+            s = eng.open_stream(voice="ryan", seed=1)
+            s.push_text(text)
+            s.end()
+            run_until_done(eng, [s])
+            last = [c for c in s.chunks(timeout=5) if c.last_in_utterance]
+            tokens = len(eng.tokenizer.encode(text))
+            assert last[0].end_reason == "eos" and tokens <= s.metrics.frames <= tokens + 3
+    finally:
+        eng.close()
