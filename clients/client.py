@@ -58,7 +58,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
 from realtime.audio import BYTES_PER_SAMPLE, decode_pcm
-from realtime.protocol import AUDIO_KIND, SUBPROTOCOL, AudioFlags, AudioHeader, FrameError
+from realtime.protocol import AUDIO_KIND, SUBPROTOCOL, AudioFlags, AudioHeader, FlagsView, FrameError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class ContextStateError(ClientError):
 
 
 @dataclass(frozen=True)
-class AudioChunk:
+class AudioChunk(FlagsView):
     """One binary audio frame, decoded to float32 mono at the context's output rate."""
 
     type: ClassVar[str] = "audio"
@@ -166,18 +166,6 @@ class AudioChunk:
     sample_rate: int
     encoding: str
     received_at: float  # time.perf_counter() when the frame came off the socket
-
-    @property
-    def first(self) -> bool:
-        return bool(self.flags & AudioFlags.FIRST)
-
-    @property
-    def last(self) -> bool:
-        return bool(self.flags & AudioFlags.LAST)
-
-    @property
-    def utterance_end(self) -> bool:
-        return bool(self.flags & AudioFlags.UTTERANCE_END)
 
     @property
     def duration_ms(self) -> float:

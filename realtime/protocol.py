@@ -949,8 +949,26 @@ class AudioFlags(enum.IntFlag):
     UTTERANCE_END = 4  # last chunk of an utterance (text.flush, idle flush, or the end)
 
 
+class FlagsView:
+    """`first`, `last` and `utterance_end` read from a `flags` field (header and client chunk)."""
+
+    flags: AudioFlags
+
+    @property
+    def first(self) -> bool:
+        return bool(self.flags & AudioFlags.FIRST)
+
+    @property
+    def last(self) -> bool:
+        return bool(self.flags & AudioFlags.LAST)
+
+    @property
+    def utterance_end(self) -> bool:
+        return bool(self.flags & AudioFlags.UTTERANCE_END)
+
+
 @dataclass(frozen=True)
-class AudioHeader:
+class AudioHeader(FlagsView):
     """The 16-byte little-endian header of a binary audio frame.
 
     ``sample_offset`` counts samples at the output rate from the start of the context, so a client
@@ -968,18 +986,6 @@ class AudioHeader:
             value = int(getattr(self, name))
             if not 0 <= value < 1 << bits:
                 raise ValueError(f"AudioHeader.{name}={value} does not fit in {bits} unsigned bits")
-
-    @property
-    def first(self) -> bool:
-        return bool(self.flags & AudioFlags.FIRST)
-
-    @property
-    def last(self) -> bool:
-        return bool(self.flags & AudioFlags.LAST)
-
-    @property
-    def utterance_end(self) -> bool:
-        return bool(self.flags & AudioFlags.UTTERANCE_END)
 
     def pack(self) -> bytes:
         return _HEADER.pack(self.kind, int(self.flags), self.stream, self.seq, self.sample_offset)
