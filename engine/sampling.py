@@ -14,6 +14,7 @@ exactly like the official batch-1 call consumes the global one).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,17 @@ from torch import Tensor
 from engine.config import GenerationConfig
 
 MIN_NEW_TOKENS = 2  # EOS is blocked for the first two codebook-0 tokens of an utterance
+
+# Documented bounds of the user-facing sampling knobs (docs/PROTOCOL.md). Every transport checks
+# them at parse time with `check_sampling`, so a value that would overflow the sampler (a
+# temperature of 1e-300 turns logits into inf, a top_k of 2**63 overflows int64) is refused
+# before a stream exists, never discovered inside a batched step that other streams share.
+TEMPERATURE_MIN = 0.01  # besides exactly 0 (greedy)
+TEMPERATURE_MAX = 10.0
+TOP_K_MAX = 65536  # 0 disables top-k; values above the vocabulary keep every token
+REPETITION_PENALTY_MIN = 0.1
+REPETITION_PENALTY_MAX = 10.0
+SEED_MAX = 2**64  # exclusive
 
 
 class SamplingError(ValueError):
@@ -68,26 +80,56 @@ class SamplingParams:
 
     def validate(self) -> None:
         for prefix in ("", "subtalker_"):
-            t = getattr(self, f"{prefix}temperature")
-            k = getattr(self, f"{prefix}top_k")
-            p = getattr(self, f"{prefix}top_p")
-            if not isinstance(t, (int, float)) or not 0.0 <= t <= 10.0 or t != t:
-                raise SamplingError(f"{prefix}temperature must be a number in [0, 10], got {t!r}")
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise SamplingError(f"{prefix}top_k must be an integer >= 0 (0 disables it), got {k!r}")
-            if not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-                raise SamplingError(f"{prefix}top_p must be in (0, 1], got {p!r}")
-        rp = self.repetition_penalty
-        if not isinstance(rp, (int, float)) or not 0.0 < rp <= 10.0:
-            raise SamplingError(f"repetition_penalty must be in (0, 10], got {rp!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise SamplingError(f"seed must be an integer, got {self.seed!r}")
+            check_sampling(
+                temperature=getattr(self, f"{prefix}temperature"),
+                top_k=getattr(self, f"{prefix}top_k"),
+                top_p=getattr(self, f"{prefix}top_p"),
+                prefix=prefix,
+            )
+        check_sampling(repetition_penalty=self.repetition_penalty, seed=self.seed)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         g = torch.Generator(device=device)
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         g.manual_seed(seed % (2**63))
         return g
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_sampling(
+    *,
+    temperature: Any = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    repetition_penalty: Any = None,
+    seed: Any = None,
+    prefix: str = "",
+) -> None:
+    """Refuse a sampling value outside its documented bounds (None = not given).
+
+    Raises SamplingError naming the field and its range; the message is safe to show a client.
+    """
+    t = temperature
+    if t is not None and not (_is_number(t) and (t == 0 or TEMPERATURE_MIN <= t <= TEMPERATURE_MAX)):
+        raise SamplingError(
+            f"{prefix}temperature must be 0 (greedy) or a number in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]"
+        )
+    k = top_k
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= TOP_K_MAX):
+        raise SamplingError(f"{prefix}top_k must be an integer in [0, {TOP_K_MAX}] (0 disables it)")
+    p = top_p
+    if p is not None and not (_is_number(p) and 0.0 < p <= 1.0):
+        raise SamplingError(f"{prefix}top_p must be a number in (0, 1]")
+    r = repetition_penalty
+    if r is not None and not (_is_number(r) and REPETITION_PENALTY_MIN <= r <= REPETITION_PENALTY_MAX):
+        raise SamplingError(
+            f"repetition_penalty must be a number in [{REPETITION_PENALTY_MIN}, {REPETITION_PENALTY_MAX}]"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_MAX):
+        raise SamplingError("seed must be an integer in [0, 2**64)")
 
 
 def suppress_mask(vocab_size: int, eos_id: int, device: torch.device | str) -> Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,9 +349,11 @@ class Engine:
         idle_flush_ms: int | None = None,
         text_mode: TextMode = "streaming",
         max_frames: int | None = None,
+        owner: Hashable | None = None,
     ) -> Stream:
         """Open a stream. Voice/language/instructions are fixed for its lifetime (they live in
-        the prefill of every utterance)."""
+        the prefill of every utterance). `owner` groups streams for fairness (a session id): rows
+        are shared out between owners, so one owner cannot starve the others (None: its own)."""
         if self._closed:
             raise EngineError("the engine is closed")
         if isinstance(voice, ResolvedVoice):
@@ -929,6 +931,7 @@ class EngineStats:
     completed: int = 0
     failed: int = 0
     refused: int = 0
+    truncated: int = 0  # utterances ended by the engine (text budget / frame cap), not by EOS
     prefills: int = 0
     prefill_ms: float = 0.0
     cp_batches: int = 0

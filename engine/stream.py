@@ -41,6 +41,10 @@ class StreamClosedError(StreamError):
     """Text was pushed to a stream after `end()` or `cancel()`."""
 
 
+class InvalidTextError(StreamError, ValueError):
+    """Text that is not valid Unicode (e.g. a lone surrogate); refused, the stream is unchanged."""
+
+
 class State(enum.Enum):
     QUEUED = "queued"  # waiting for a free engine slot
     WAITING = "waiting"  # has a slot; the current utterance has not been prefilled yet
@@ -81,6 +85,7 @@ class StreamMetrics:
     frames: int = 0
     utterances: int = 0
     queued_ms: float = 0.0
+    truncated: int = 0  # utterances the engine ended itself (text budget or frame cap), not by EOS
 
     @property
     def rtf(self) -> float | None:
@@ -95,7 +100,19 @@ class StreamMetrics:
             "frames": self.frames,
             "stall_ms": _round(self.stall_ms),
             "utterances": self.utterances,
+            "truncated": self.truncated,
         }
+
+
+def check_text(text: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates from JSON escapes such as
+    "\\ud800"): the tokenizer would fail on it inside the engine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidTextError(
+            f"text is not valid Unicode (an unpaired surrogate at character {e.start})"
+        ) from None
 
 
 def _round(x: float | None, nd: int = 1) -> float | None:
@@ -200,6 +217,7 @@ class Stream:
         """Append a text delta (concatenated verbatim: keep spaces and punctuation)."""
         if not isinstance(delta, str):
             raise TypeError(f"push_text expects str, got {type(delta).__name__}")
+        check_text(delta)
         with self._lock:
             self._check_open()
             now = time.monotonic()
@@ -247,6 +265,25 @@ class Stream:
             if self.state is State.CANCELLED:
                 return
             self._chunks.put(Marker(tag))
+
+    def close(self) -> None:
+        """Release the stream: cancel it unless it already finished. Idempotent."""
+        if not self.finished:
+            self.cancel()
+
+    # A stream is a resource (an engine row while it has work): `with engine.open_stream() as s`
+    # releases it on every path out of the block, exceptions included.
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- consumer API ---------------------------------------------------------------------
 
