@@ -186,6 +186,15 @@ def warp(
     return s.masked_fill(remove_sorted.scatter(1, order, remove_sorted), -float("inf"))
 
 
+def _safe_probs(probs: Tensor, fallback: Tensor) -> Tensor:
+    """Rows whose distribution is not a distribution (NaN or inf from overflowing logits, or
+    every token masked) become one-hot at the row's argmax, so `multinomial` never raises and
+    one bad row cannot fail a batch. Pure tensor ops: no host sync."""
+    bad = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)  # [B]
+    one_hot = torch.nn.functional.one_hot(fallback, probs.shape[-1]).to(probs.dtype)
+    return torch.where(bad[:, None], one_hot, probs)
+
+
 class RowSampler:
     """The per-row parameters of one sampling stage for a fixed set of rows.
 
@@ -220,7 +229,7 @@ class RowSampler:
             use_top_k=self.use_top_k,
             use_top_p=self.use_top_p,
         )
-        probs = warped.softmax(dim=-1)
+        probs = _safe_probs(warped.softmax(dim=-1), out if self.all_rows else out[self.index])
         for j, row in enumerate(self.sample_rows):
             out[row] = torch.multinomial(probs[j : j + 1], 1, generator=self.generators[row])[0, 0]
         return out

@@ -13,10 +13,25 @@ Each iteration of the worker (`Engine.step`):
 5. talker: every stream whose next text-track input is known steps once, in one batched
    forward over its KV-cache rows; a stream whose next text token has not arrived **stalls**.
 
-Slots: a stream holds one row of the talker's static KV cache from admission to its end. Rows
-of live streams are kept compact (0..n-1) by moving the last row into a freed one, so a step
-runs on a contiguous row range without gathering caches; rows in the range that sit the step
-out are computed and discarded (their writes land past their own length).
+Rows: a stream holds one row of the talker's static KV cache (and one codec row) only while it
+has work: from the moment its utterance can be prefilled until that utterance ends. A stream
+without startable text (a context that was opened but not fed, or one between utterances) is
+*parked* in the queue and holds nothing; nothing of an utterance outlives it but the stream's
+random generator, so parking between utterances changes no audio. When rows are scarce, a free
+row goes to the ready stream whose owner (a session) holds the fewest rows, first come first
+served among equals; a stream that stalls mid-utterance for `stall_reclaim_ms` while others
+wait is flushed (as an idle flush would) so its row comes back. Rows of live streams are kept
+compact (0..n-1) by moving the last row into a freed one, so a step runs on a contiguous row
+range without gathering caches; rows in the range that sit the step out are computed and
+discarded (their writes land past their own length).
+
+Failures: a batched phase that raises is retried row by row (random generators rewound first,
+so the retry samples what the batch would have), and only the rows that still fail are failed.
+
+Runaway generation: a model that never emits end-of-audio is stopped by a budget of
+`budget_base_frames + budget_frames_per_token x committed text tokens` frames per utterance
+(the text-track reads one token per frame, so the budget cannot trip while text is still
+being read, however long the client pauses); such an utterance ends with reason "budget".
 """
 
 from __future__ import annotations
@@ -107,9 +122,11 @@ class StreamOptions:
 class _Work:
     """Worker-side state of a stream (only the worker thread touches it)."""
 
-    row: int
-    codec_row: int
     generator: torch.Generator
+    owner: Hashable  # fairness group: a session id, or the stream itself
+    row: int = -1  # KV-cache row while admitted, else -1 (parked / queued)
+    codec_row: int = -1
+    admitted_once: bool = False
     length: int = 0  # positions in this row's KV cache
     utterance: Utterance | None = None
     consumed: int = 0  # text-track queue entries fed
@@ -123,7 +140,7 @@ class _Work:
     pending: list[np.ndarray] = field(default_factory=list)  # frames [16] not yet decoded
     pending_start: int = 0  # frame index of pending[0]
     chunks: int = 0  # chunks emitted in the utterance
-    done_reason: str | None = None  # the utterance has ended: "eos" | "max_frames"
+    done_reason: str | None = None  # the utterance has ended: "eos" | "max_frames" | "budget"
     started_at: float | None = None
     stalled_since: float | None = None  # waiting for text since (talker stall)
 
@@ -143,6 +160,12 @@ class Engine:
             stream always goes): bounds how long newcomers hold up running streams. Default 64
             on CPU (prefill is compute-bound there), 2048 on CUDA.
         voices_db: SQLite file for cloned voices (Base models); None keeps presets only.
+        budget_frames_per_token / budget_base_frames: the runaway bound of one utterance, in
+            codec frames (80 ms): base + per_token x committed text tokens. Default 12 and 50:
+            about 1 s per text token (speech runs ~3.5 frames per token) plus 4 s. None for
+            per_token disables the budget (the frame cap `max_frames` still applies).
+        stall_reclaim_ms: a stream stalled mid-utterance (waiting for text) this long while
+            other streams wait for a row is flushed, which returns its row. None disables.
         start: start the worker thread (tests may drive `step()` by hand instead).
     """
 
@@ -160,6 +183,9 @@ class Engine:
         default_idle_flush_ms: int | None = None,
         prefill_tokens_per_step: int | None = None,
         voices_db: str | Path | None = None,
+        budget_frames_per_token: float | None = 12.0,
+        budget_base_frames: int = 50,
+        stall_reclaim_ms: float | None = 5000.0,
         start: bool = True,
     ):
         from engine.torch.codec import CodecStreams
@@ -182,6 +208,13 @@ class Engine:
         self.default_chunk_schedule = _check_schedule(default_chunk_schedule)
         self.default_idle_flush_ms = default_idle_flush_ms
         self.prefill_tokens_per_step = prefill_tokens_per_step or (2048 if self.device.type == "cuda" else 64)
+        if budget_frames_per_token is not None and (budget_frames_per_token <= 0 or budget_base_frames < 0):
+            raise EngineError(
+                "the frame budget needs budget_frames_per_token > 0 and budget_base_frames >= 0"
+            )
+        self.budget_frames_per_token = budget_frames_per_token
+        self.budget_base_frames = budget_base_frames
+        self.stall_reclaim_ms = stall_reclaim_ms
         self.samples_per_frame = self.checkpoint.codec.decoder.samples_per_frame
         self.sample_rate = self.checkpoint.codec.sample_rate
         tcfg = self.cfg.talker
@@ -199,7 +232,7 @@ class Engine:
 
         self._cond = threading.Condition()
         self._next_id = 0
-        self._queued: list[Stream] = []  # admitted in order when a row frees
+        self._queued: list[Stream] = []  # no row: parked, or ready and waiting for one (fairness order)
         self._active: list[Stream] = []  # index == KV row
         self._free_codec_rows = list(range(max_streams))
         self._closed = False
@@ -246,7 +279,9 @@ class Engine:
             )
         if self.voice_store is None:
             raise VoiceError("this engine has no voice store (start it with a voices database)")
-        text = (ref_text or "").strip() or None
+        # The transcript is used verbatim, as the official package does: a trailing newline (a
+        # transcript read from a file) changes the prompt's ids and so the audio.
+        text = ref_text if ref_text is not None and ref_text.strip() else None
         if not x_vector_only and text is None:
             raise VoiceError(
                 "ICL voice cloning needs the transcript of the reference audio (ref_text); "
@@ -395,6 +430,10 @@ class Engine:
                     f"{len(self._active)} streams generating and {len(self._queued)} queued: try again later"
                 )
             stream = Stream(self, self._next_id, options, TextCommitter(self.tokenizer))
+            stream.engine_data = _Work(
+                generator=params.generator(self.device),
+                owner=owner if owner is not None else ("stream", stream.id),
+            )
             self._next_id += 1
             self._queued.append(stream)
             self.stats.opened += 1
@@ -439,7 +478,13 @@ class Engine:
 
     @property
     def queued_streams(self) -> int:
+        """Streams without a row: ready ones waiting for a row, and parked ones (no text yet)."""
         return len(self._queued)
+
+    @property
+    def waiting_streams(self) -> int:
+        """Streams that have text to speak but no row (the backlog that rows are short of)."""
+        return sum(1 for s in self._queued if s.state is State.QUEUED and self._startable(s))
 
     # ---- worker -------------------------------------------------------------------------------
 
@@ -466,7 +511,7 @@ class Engine:
         """Sleep until the next idle-flush deadline (or a notify from a producer)."""
         deadlines = [
             s.last_text_at + s.options.idle_flush_ms / 1000.0
-            for s in self._active
+            for s in (*self._active, *self._queued)
             if s.options.idle_flush_ms and not s.text_ended
         ]
         if not deadlines:
@@ -482,7 +527,7 @@ class Engine:
             active = list(self._active)
         worked = False
         if prefills:
-            self._guarded([s for s, _ in prefills], self._prefill, prefills)
+            self._guarded(prefills, self._prefill)
             worked = True
         cp_rows = [
             s
@@ -490,48 +535,70 @@ class Engine:
             if s.engine_data.c0 is not None and s.state is State.RUNNING and not self._backlogged(s)
         ]
         if cp_rows:
-            self._guarded(cp_rows, self._predict_codes, cp_rows)
+            self._guarded(cp_rows, self._predict_codes)
             worked = True
         due = [s for s in active if self._chunk_due(s)]
-        if due:
-            self._guarded(due, self._decode_chunks, due)
+        for group in self._chunk_groups(due).values():
+            # One guarded call per chunk size: a group emits its chunks as soon as it is decoded,
+            # so a retry after a failure must never decode a group that already went out.
+            self._guarded(group, self._decode_chunks)
             worked = True
         with self._cond:
             step_rows = [s for s in active if self._ready_for_talker(s)]
         if step_rows:
-            self._guarded(step_rows, self._talker_step, step_rows)
+            self._guarded(step_rows, self._talker_step)
             worked = True
         return worked
 
-    def _guarded(self, streams: list[Stream], fn: Any, *args: Any) -> None:
-        """Run one phase; if it raises, fail exactly the streams it was working on."""
+    def _guarded(self, items: list[Any], fn: Any) -> None:
+        """Run one batched phase over `items` (streams, or (stream, prefill) pairs).
+
+        If it raises, the failure is traced to its rows: every item is retried alone, with the
+        random generators rewound to where the batch found them (so the retry samples exactly
+        what the batched call would have), and only the items that fail alone are failed. A
+        phase writes stream state only after its last tensor op, and KV / codec state only at
+        positions a retry overwrites, so a failed batch leaves nothing behind.
+        """
+        gens = [_stream_of(it).engine_data.generator for it in items]
+        saved = [g.get_state() for g in gens] if len(items) > 1 else []
         t0 = time.perf_counter()
         try:
-            fn(*args)
+            fn(items)
             self.stats.phase_ms[fn.__name__] = (
                 self.stats.phase_ms.get(fn.__name__, 0.0) + (time.perf_counter() - t0) * 1000.0
             )
+            return
         except Exception as e:
-            log.exception("engine phase %s failed for streams %s", fn.__name__, [s.id for s in streams])
-            with self._cond:
-                for s in streams:
-                    s._finish(State.FAILED, f"internal error while generating ({type(e).__name__})")
-                self.stats.failed += len(streams)
+            error = e
+        if len(items) > 1:
+            log.warning(
+                "engine phase %s failed for a batch of %d (%s); retrying row by row",
+                fn.__name__, len(items), type(error).__name__,
+            )  # fmt: skip
+            for g, state in zip(gens, saved, strict=True):
+                g.set_state(state)
+            for it in items:
+                if _stream_of(it).state in (State.RUNNING, State.WAITING):
+                    self._guarded([it], fn)
+            return
+        stream = _stream_of(items[0])
+        log.error("engine phase %s failed for stream %d", fn.__name__, stream.id, exc_info=error)
+        with self._cond:
+            stream._finish(State.FAILED, f"internal error while generating ({type(error).__name__})")
+            self.stats.failed += 1
 
     # ---- housekeeping (lock held) -------------------------------------------------------------
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for s in list(self._active):
-            if s.state in (State.CANCELLED, State.FAILED, State.DONE):
+            if s.finished:
                 self._release(s)
-        gone = [s for s in self._queued if s.state is not State.QUEUED]
-        if gone:  # cancelled while waiting for a slot
-            self._queued = [s for s in self._queued if s.state is State.QUEUED]
+        gone = [s for s in self._queued if s.finished]
+        if gone:  # cancelled (or failed) while parked or waiting for a row
+            self._queued = [s for s in self._queued if not s.finished]
             self.stats.closed += len(gone)
-        while self._queued and len(self._active) < self.max_streams:
-            self._admit(self._queued.pop(0), now)
-        for s in self._active:
+        for s in (*self._active, *self._queued):
             if s._idle_flush_due(now):
                 s._flush_locked()
                 s.last_text_at = now
@@ -539,20 +606,95 @@ class Engine:
         for s in list(self._active):
             if s.state is State.DONE:
                 self._release(s)
+        finished = [s for s in self._queued if s.finished]  # ended while parked
+        if finished:
+            self._queued = [s for s in self._queued if not s.finished]
+            self.stats.closed += len(finished)
+        waiting = any(self._startable(s) for s in self._queued)
+        for s in list(self._active):
+            # Between utterances a stream keeps nothing in its rows: give them back when it has
+            # nothing to start, or when another stream is waiting for a row.
+            if s.state is State.WAITING and s.engine_data.utterance is None:
+                if not self._startable(s) or (waiting and len(self._active) >= self.max_streams):
+                    self._park(s)
+        if waiting and len(self._active) >= self.max_streams:
+            self._reclaim_stalled(now)
+        while len(self._active) < self.max_streams:
+            nxt = self._next_admission()
+            if nxt is None:
+                break
+            self._queued.remove(nxt)
+            self._admit(nxt, now)
+
+    def _startable(self, s: Stream) -> bool:
+        """The stream's next utterance can be prefilled now (it has work for a row)."""
+        if s.state not in (State.QUEUED, State.WAITING) or self._backlogged(s):
+            return False
+        utt = s.utterances[0]
+        if utt.target_ids == 0:
+            return False
+        need = prefill_needs(s.options.voice.spec, s.options.text_mode)
+        return utt.complete or (need >= 0 and len(utt.ids) >= need)
+
+    def _next_admission(self) -> Stream | None:
+        """The ready stream whose owner holds the fewest rows; first come first served on ties."""
+        held: dict[Hashable, int] = {}
+        for s in self._active:
+            held[s.engine_data.owner] = held.get(s.engine_data.owner, 0) + 1
+        best: Stream | None = None
+        best_rows = 0
+        for s in self._queued:
+            if s.state is State.QUEUED and self._startable(s):
+                rows = held.get(s.engine_data.owner, 0)
+                if best is None or rows < best_rows:
+                    best, best_rows = s, rows
+        return best
+
+    def _reclaim_stalled(self, now: float) -> None:
+        """Flush streams stalled mid-utterance for `stall_reclaim_ms` while others wait for a row:
+        the utterance ends with the text it has, and the row comes back when it is spoken."""
+        if self.stall_reclaim_ms is None:
+            return
+        for s in self._active:
+            w: _Work = s.engine_data
+            if (
+                s.state is State.RUNNING
+                and w.stalled_since is not None
+                and (now - w.stalled_since) * 1000.0 >= self.stall_reclaim_ms
+                and not s._closed_for_text
+            ):
+                log.info(
+                    "stream %d stalled %.0f ms while others wait: flushed",
+                    s.id,
+                    (now - w.stalled_since) * 1e3,
+                )
+                s._flush_locked()
+                w.stalled_since = None
 
     def _admit(self, s: Stream, now: float) -> None:
-        row = len(self._active)
-        codec_row = self._free_codec_rows.pop()
-        self.codec_streams.reset(codec_row)
-        s.engine_data = _Work(
-            row=row, codec_row=codec_row, generator=s.options.sampling.generator(self.device)
-        )
-        s.metrics.queued_ms = (now - s.created_at) * 1000.0
+        w: _Work = s.engine_data
+        w.row = len(self._active)
+        w.codec_row = self._free_codec_rows.pop()
+        self.codec_streams.reset(w.codec_row)
+        if not w.admitted_once:
+            s.metrics.queued_ms = (now - s.created_at) * 1000.0
+            w.admitted_once = True
+            self.stats.admitted += 1
         s.state = State.WAITING
         self._active.append(s)
-        self.stats.admitted += 1
+
+    def _park(self, s: Stream) -> None:
+        """Take a stream's rows back between utterances; it waits in the queue for more text."""
+        self._free_rows(s)
+        s.state = State.QUEUED
+        self._queued.append(s)
 
     def _release(self, s: Stream) -> None:
+        """A finished stream gives its rows back."""
+        self._free_rows(s)
+        self.stats.closed += 1
+
+    def _free_rows(self, s: Stream) -> None:
         """Free a stream's rows; move the last active row into the hole to stay compact."""
         w: _Work = s.engine_data
         idx = self._active.index(s)
@@ -564,13 +706,13 @@ class Engine:
             self._active[idx] = last
         self._active.pop()
         self._free_codec_rows.append(w.codec_row)
-        s.engine_data = w  # kept for inspection; the rows are no longer its own
-        self.stats.closed += 1
+        w.row = w.codec_row = -1
+        w.length = 0
 
     def _maybe_finish(self, s: Stream) -> None:
         """A stream with no utterance left to speak and no more text coming is done."""
         w: _Work = s.engine_data
-        if s.state is not State.WAITING or w.utterance is not None or not s.text_ended:
+        if s.state not in (State.WAITING, State.QUEUED) or w.utterance is not None or not s.text_ended:
             return
         head = s.utterances[0]
         if head.complete or head.target_ids > 0:
@@ -592,15 +734,10 @@ class Engine:
         picked: list[tuple[Stream, Prefill]] = []
         tokens = 0
         for s in self._active:
-            if s.state is not State.WAITING or self._backlogged(s):
+            if s.state is not State.WAITING or not self._startable(s):
                 continue
             utt = s.utterances[0]
-            if utt.target_ids == 0:
-                continue
             opts = s.options
-            need = prefill_needs(opts.voice.spec, opts.text_mode)
-            if not (utt.complete or (need >= 0 and len(utt.ids) >= need)):
-                continue
             try:
                 pre = build_prefill(
                     self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
@@ -639,7 +776,7 @@ class Engine:
 
     # ---- model phases (worker thread, lock not held) -------------------------------------------
 
-    def _prefill(self, batch: list[tuple[Stream, Prefill]]) -> None:
+    def _prefill(self, batch: list[tuple[Stream, Prefill]]) -> None:  # items: (stream, prefill)
         """Prefill new utterances together: one forward over [B, longest prompt]."""
         from engine.torch.model import PrefillStore
 
@@ -706,8 +843,16 @@ class Engine:
                 s.metrics.frames += 1
                 if w.frame >= s.options.max_frames:
                     w.done_reason = "max_frames"
+                elif w.utterance is not None and w.frame >= self._frame_budget(w.utterance):
+                    w.done_reason = "budget"
         self.stats.cp_batches += 1
         self.stats.cp_rows += len(streams)
+
+    def _frame_budget(self, utt: Utterance) -> float:
+        """The most frames an utterance may run: its text cannot need more (see module doc)."""
+        if self.budget_frames_per_token is None:
+            return float("inf")
+        return self.budget_base_frames + self.budget_frames_per_token * utt.target_ids
 
     def _talker_step(self, streams: list[Stream]) -> None:
         t0 = time.perf_counter()
@@ -792,24 +937,31 @@ class Engine:
         w: _Work = s.engine_data
         return sched[min(w.chunks, len(sched) - 1)]
 
-    def _decode_chunks(self, streams: list[Stream]) -> None:
+    def _frames_due(self, s: Stream) -> int:
+        w: _Work = s.engine_data
+        return len(w.pending) if w.done_reason else self._chunk_size(s)
+
+    def _chunk_groups(self, streams: list[Stream]) -> dict[int, list[Stream]]:
+        """Due streams by chunk size: each group decodes in one batched codec call."""
         groups: dict[int, list[Stream]] = {}
         for s in streams:
-            w: _Work = s.engine_data
-            n = len(w.pending) if w.done_reason else self._chunk_size(s)
-            groups.setdefault(n, []).append(s)
-        for n, group in groups.items():
-            audio: list[np.ndarray] = []
-            if n > 0:
-                codes = torch.tensor(
-                    np.stack([np.stack(s.engine_data.pending[:n], axis=1) for s in group]), device=self.device
-                )  # [B, 16, n]
-                rows = [s.engine_data.codec_row for s in group]
-                wav = self.codec_streams.decode(rows, codes).float().cpu().numpy()
-                audio = list(wav)
-            with self._cond:
-                for i, s in enumerate(group):
-                    self._emit(s, audio[i] if n > 0 else np.zeros(0, dtype=np.float32), n)
+            groups.setdefault(self._frames_due(s), []).append(s)
+        return groups
+
+    def _decode_chunks(self, group: list[Stream]) -> None:
+        """Decode and emit the due chunk of every stream of `group` (all due the same size)."""
+        n = self._frames_due(group[0])
+        audio: list[np.ndarray] = []
+        if n > 0:
+            codes = torch.tensor(
+                np.stack([np.stack(s.engine_data.pending[:n], axis=1) for s in group]), device=self.device
+            )  # [B, 16, n]
+            rows = [s.engine_data.codec_row for s in group]
+            wav = self.codec_streams.decode(rows, codes).float().cpu().numpy()
+            audio = list(wav)
+        with self._cond:
+            for i, s in enumerate(group):
+                self._emit(s, audio[i] if n > 0 else np.zeros(0, dtype=np.float32), n)
 
     def _emit(self, s: Stream, samples: np.ndarray, n: int) -> None:
         """Deliver one chunk; close the utterance if it ended (lock held)."""
@@ -847,6 +999,10 @@ class Engine:
             # text it never read, and text still to come, continue in a new utterance.
             s._continue_utterance(ended, w.consumed)
         s.metrics.utterances += 1
+        if w.done_reason in ("budget", "max_frames"):
+            s.metrics.truncated += 1
+            self.stats.truncated += 1
+            log.info("stream %d: utterance %d ended by %s", s.id, ended.index, w.done_reason)
         if w.started_at is not None:
             s.metrics.generate_ms = (now - w.started_at) * 1000.0 - s.metrics.stall_ms
         w.utterance, w.c0, w.hidden, w.frame_embed, w.length = None, None, None, None, 0
@@ -877,6 +1033,10 @@ class Engine:
             log.info("instructions ignored: %s %s models take none", cfg.model_size, cfg.model_type)
             return None
         return instruct_ids(cfg, self.tokenizer.encode("user\n" + instructions), self._newline)
+
+
+def _stream_of(item: Any) -> Stream:
+    return item[0] if isinstance(item, tuple) else item
 
 
 def _has_more_text(s: Stream, current: Utterance) -> bool:

@@ -46,7 +46,7 @@ class InvalidTextError(StreamError, ValueError):
 
 
 class State(enum.Enum):
-    QUEUED = "queued"  # waiting for a free engine slot
+    QUEUED = "queued"  # holds no engine row: waiting for text (parked) or for a free row
     WAITING = "waiting"  # has a slot; the current utterance has not been prefilled yet
     RUNNING = "running"  # generating the current utterance
     DONE = "done"  # ended normally, every chunk delivered to the queue
@@ -372,7 +372,7 @@ class Stream:
     def _idle_flush_due(self, now: float) -> bool:
         """Text is waiting unspoken and none has arrived for idle_flush_ms."""
         ms = self.options.idle_flush_ms
-        if not ms or self._closed_for_text or self.state not in (State.WAITING, State.RUNNING):
+        if not ms or self._closed_for_text or self.state not in (State.QUEUED, State.WAITING, State.RUNNING):
             return False
         unspoken = self._committer.has_pending or self.utterances[-1].target_ids > 0
         return unspoken and (now - self.last_text_at) * 1000.0 >= ms
