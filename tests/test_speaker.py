@@ -328,9 +328,15 @@ def _expect(code: str, match: str, source: object, **kw: float) -> None:
 
 def test_load_audio_unreadable(tmp_path: Path) -> None:
     _expect("unreadable", "not found", tmp_path / "missing.wav")
-    _expect("unreadable", "cannot decode", b"this is not audio at all" * 10)
     (tmp_path / "junk.wav").write_bytes(b"RIFF\x00\x00")
-    _expect("unreadable", "cannot decode", tmp_path / "junk.wav")
+    sources = [b"this is not audio at all" * 10, io.BytesIO(b"\x00" * 100), tmp_path / "junk.wav"]
+    for source in sources:
+        # One clear sentence, never libsndfile's text naming the Python object it was given
+        # ("Error opening <_io.BytesIO object at 0x...>"): it is shown to HTTP clients.
+        with pytest.raises(AudioError) as e:
+            load_audio(source)  # type: ignore[arg-type]
+        assert e.value.code == "unreadable"
+        assert str(e.value) == "could not decode the audio: unsupported format or corrupt file"
 
 
 def test_load_audio_empty() -> None:
@@ -369,3 +375,90 @@ def test_prepare_audio_bad_inputs() -> None:
     with pytest.raises(AudioError, match="float or signed") as e:
         prepare_audio(np.zeros(16000, np.uint8), 16000)
     assert e.value.code == "bad_format"
+
+
+@pytest.mark.parametrize("sr", [1, 4000, 7999, 400_000])
+def test_load_audio_refuses_sample_rates_outside_8k_384k(sr: int) -> None:
+    """Issue 13 item 8: a 1 Hz WAV was accepted (a 2-sample "voice" upsampled 24000x)."""
+    n = max(2, sr)  # one second
+    _expect("bad_sample_rate", "8000-384000 Hz", encode(tone(n, sr, hz=sr / 8), sr, "WAV", "PCM_16"))
+    with pytest.raises(AudioError) as e:
+        prepare_audio(np.zeros(n, np.float32), sr)
+    assert e.value.code == "bad_sample_rate"
+
+
+def test_load_audio_edge_rates_accepted() -> None:
+    for sr in (8000, 384000):
+        got = load_audio(encode(tone(sr, sr, hz=300), sr, "WAV", "PCM_16"))
+        assert got.shape == (24000,)
+
+
+def test_load_audio_refuses_too_many_channels_from_the_header() -> None:
+    raw = encode(np.zeros((16000, 9), np.float32), 16000, "WAV", "PCM_16")
+    _expect("bad_format", "9 channels; at most 8", raw)
+
+
+def _silent_flac(seconds: int, sr: int, channels: int) -> bytes:
+    """A FLAC of silence: a few KB that decode to seconds x sr x channels samples."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=sr, channels=channels, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((sr, channels), np.int16)
+        for _ in range(seconds):
+            f.write(block)
+    return buf.getvalue()
+
+
+def test_load_audio_memory_is_bounded_by_mono_at_the_declared_rate() -> None:
+    """Issue 13 item 8: a tiny FLAC that decodes to 59 s x 8 ch x 192 kHz took +420 MB before
+    being refused. Decoding now keeps one mono buffer plus a block: here 20 s x 8 ch x 192 kHz
+    (123 MB as float32 [N, 8]) peaks near its 15 MB of mono."""
+    import tracemalloc
+
+    raw = _silent_flac(20, 192000, 8)
+    assert len(raw) < 100_000
+    tracemalloc.start()
+    try:
+        got = load_audio(raw, max_seconds=30.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (20 * 24000,) and not got.any()
+    assert peak < 40e6, f"decoding peaked at {peak / 1e6:.0f} MB"
+
+
+def test_load_audio_too_long_is_refused_from_the_header_before_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raw = _silent_flac(3, 192000, 8)
+    reads: list[int] = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(
+        sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k)
+    )
+    _expect("too_long", r"3\.0 s long; at most 2 s", raw, max_seconds=2.0)
+    assert not reads, "decoded before refusing"
+
+
+def test_load_audio_stops_decoding_past_the_limit_without_a_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header without a length (a stream; mp3 may not know it): reading stops once past the
+    limit instead of decoding the rest."""
+    raw = _silent_flac(10, 16000, 1)
+    monkeypatch.setattr(sf.SoundFile, "frames", property(lambda self: 2**63 - 1))
+    reads: list[int] = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(
+        sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k)
+    )
+    monkeypatch.setattr("engine.torch.speaker._BLOCK_SAMPLES", 16000)
+    _expect("too_long", "longer than 2 s", raw, max_seconds=2.0)
+    assert len(reads) == 3  # 1 s blocks: the third passes 2 s
+
+
+def test_load_audio_block_downmix_equals_whole_file_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    x = (0.3 * rng.standard_normal((50_000, 3))).astype(np.float32)
+    raw = encode(x, 24000, "WAV", "FLOAT")
+    whole = load_audio(raw)
+    np.testing.assert_array_equal(whole, x.mean(axis=1, dtype=np.float32))
+    monkeypatch.setattr("engine.torch.speaker._BLOCK_SAMPLES", 3 * 777)  # many odd-sized blocks
+    np.testing.assert_array_equal(load_audio(raw), whole)

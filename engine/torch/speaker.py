@@ -59,13 +59,21 @@ class AudioError(ValueError):
 
     `code` is stable and safe to send to a client: "unreadable", "empty", "non_finite",
     "too_long", "too_short", "bad_sample_rate", "bad_format". The message names the problem and
-    the numbers involved, and is about the caller's input only.
+    the numbers involved, and is about the caller's input only (never a library's message or an
+    object's repr).
     """
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
 
+
+# Sample rates accepted for reference audio: telephone band to the highest studio rate. Below
+# 8 kHz there is no usable voice left; above 384 kHz a header is lying or hostile.
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 384000
+MAX_CHANNELS = 8  # 7.1 surround; more is not a voice recording
+_BLOCK_SAMPLES = 1 << 20  # decoded per read (frames x channels): 4 MiB of float32
 
 _SF_COUNT_MAX = 2**63 - 1
 
@@ -85,9 +93,14 @@ def load_audio(
     what the official wrapper gets from `librosa.load` + `librosa.resample` (see
     `prepare_audio`). Integer PCM is scaled to [-1, 1) by soundfile (int16 / 32768).
 
-    `max_seconds` is checked against the header before decoding, so a long upload costs a
-    header read rather than a full decode; `min_seconds` bounds the other end (the speaker
-    encoder needs a few frames, and a speaker embedding from a blip is meaningless anyway).
+    Decoding is bounded before it starts: the header's sample rate must lie in
+    [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE], its channels be at most MAX_CHANNELS and its length at
+    most `max_seconds`, so a small compressed file cannot expand into hundreds of MB. The
+    file is then decoded in blocks, each averaged to mono at once, and reading stops as soon
+    as it passes `max_seconds` (for streams whose header has no length, or lies): memory is
+    bounded by `max_seconds` of mono audio at the declared rate. `min_seconds` bounds the
+    other end (the speaker encoder needs a few frames, and a speaker embedding from a blip is
+    meaningless anyway).
     """
     if isinstance(source, str | os.PathLike) and not os.path.isfile(source):
         raise AudioError("unreadable", f"audio file not found: {os.fspath(source)!r}")
@@ -95,20 +108,56 @@ def load_audio(
     file = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray | memoryview) else source
     try:
         with sf.SoundFile(file) as f:
-            sr = int(f.samplerate)
-            # A stream that does not know its length reports SF_COUNT_MAX; prepare_audio
-            # re-checks the decoded length in every case.
-            if sr > 0 and max_seconds * sr < f.frames < _SF_COUNT_MAX:
-                raise AudioError(
-                    "too_long", f"audio is {f.frames / sr:.1f} s long; at most {max_seconds:g} s is accepted"
-                )
-            data = f.read(dtype="float32", always_2d=True)  # [N, channels]
+            sr = _check_header(int(f.samplerate), int(f.channels), int(f.frames), max_seconds)
+            mono = _read_mono(f, max_seconds)
     except AudioError:
         raise
-    except (sf.SoundFileError, RuntimeError, OSError, TypeError, ValueError) as e:
-        # libsndfile's messages ("Format not recognised", ...) describe the input, not us.
-        raise AudioError("unreadable", f"cannot decode audio: {e}") from None
-    return prepare_audio(data, sr, target_sr, max_seconds=max_seconds, min_seconds=min_seconds)
+    except (sf.SoundFileError, RuntimeError, OSError, TypeError, ValueError, EOFError):
+        # libsndfile's messages name the Python file object ("<_io.BytesIO object at 0x..>"):
+        # not something to show a client. What went wrong is always the same to the caller.
+        raise AudioError(
+            "unreadable", "could not decode the audio: unsupported format or corrupt file"
+        ) from None
+    return prepare_audio(mono, sr, target_sr, max_seconds=max_seconds, min_seconds=min_seconds)
+
+
+def _check_header(sr: int, channels: int, frames: int, max_seconds: float) -> int:
+    """Refuse from the header alone what would be refused (or too costly) after decoding."""
+    _check_rate(sr)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError("bad_format", f"audio has {channels} channels; at most {MAX_CHANNELS} are accepted")
+    # A stream that does not know its length reports SF_COUNT_MAX; _read_mono stops it.
+    if max_seconds * sr < frames < _SF_COUNT_MAX:
+        raise AudioError(
+            "too_long", f"audio is {frames / sr:.1f} s long; at most {max_seconds:g} s is accepted"
+        )
+    return sr
+
+
+def _check_rate(sr: int) -> None:
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            "bad_sample_rate",
+            f"audio sample rate is {sr} Hz; {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz is accepted",
+        )
+
+
+def _read_mono(f: sf.SoundFile, max_seconds: float) -> np.ndarray:
+    """Decode block by block into one mono buffer, averaging channels per block (the same
+    per-sample mean as over the whole file); too_long as soon as it passes `max_seconds`."""
+    max_frames = math.floor(max_seconds * f.samplerate)
+    block = max(1, _BLOCK_SAMPLES // f.channels)
+    buf = np.empty(f.frames if 0 <= f.frames <= max_frames else 0, dtype=np.float32)
+    n = 0
+    while (data := f.read(block, dtype="float32", always_2d=True)).shape[0]:  # [k, channels]
+        k = data.shape[0]
+        if n + k > max_frames:
+            raise AudioError("too_long", f"audio is longer than {max_seconds:g} s, the most accepted")
+        if n + k > buf.shape[0]:  # the header had no length (or a wrong one): grow geometrically
+            buf = np.concatenate([buf[:n], np.empty(max(k, n), dtype=np.float32)])
+        data.mean(axis=1, dtype=np.float32, out=buf[n : n + k])
+        n += k
+    return buf[:n]
 
 
 def prepare_audio(
@@ -127,6 +176,7 @@ def prepare_audio(
     """
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
         raise AudioError("bad_sample_rate", f"sample rate must be a positive integer, got {sample_rate!r}")
+    _check_rate(int(sample_rate))
     if target_sr <= 0:
         raise ValueError(f"target_sr must be positive, got {target_sr}")
     x = np.asarray(samples)
