@@ -4,19 +4,23 @@ The committer is what lets text stream in while the LLM is still writing and sti
 exactly the ids the offline model sees for the whole string (MODEL.md §3.3, point 5). BPE works
 inside regex pre-tokens, so an id is final once the pre-token holding it can no longer change.
 A pre-token can change when more characters arrive only through what the regex looks at past
-its end; `_stable_boundary` spells out those cases. Everything before the chosen boundary is
-committed; the rest waits for more text, a flush, or the end of the stream.
+its end; `TextCommitter._limit` spells out those cases. Everything before the chosen boundary is
+committed; the rest waits for more text, a flush, or the end of the stream. Appending costs
+O(len(delta)) amortised: the pending text is never re-split per append (issue #13).
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import unicodedata
+from bisect import bisect_right
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -232,6 +236,17 @@ def _converted_tiktoken() -> tuple[str, str]:
 
 # ---- Incremental commit ---------------------------------------------------------------------
 
+# Probes that ask the real pre-tokenizer what class a string's characters are in, so that no
+# Unicode table of ours can disagree with the regex: "a" + s is one pre-token iff s is all
+# letters (`\p{L}+`); ".." + s, for s without CR/LF, iff s is all `[^\s\p{L}\p{N}]`.
+_LETTER_PROBE = "a"
+_PUNCT_PROBE = ".."
+# A pending pre-token shorter than this is split again rather than probed: cheaper, and one this
+# long is no contraction (`'ll`).
+_RUN_MIN = 32
+
+_RunKind = Literal["letters", "punct"]
+
 
 class TextCommitter:
     """Turns text deltas into the token ids that can no longer change.
@@ -240,20 +255,47 @@ class TextCommitter:
     `flush()` return equals `tokenizer.encode(normalize(text).lstrip())`: the ids the official
     code feeds for the whole string. Leading whitespace of an utterance is dropped because it
     would merge with the newline of the prompt template (`assistant\\n`) and change its ids.
+
+    Ids are committed up to the last pre-token start at or before the *limit* (see `_limit`),
+    and each push commits exactly what splitting the whole pending text would, push for push.
+    A push costs O(len(delta)) amortised whatever the text, even one character at a time into
+    64 KiB of spaces or letters (issue #13). Cheap answers come first:
+    - NFC is redone from the last starter only; a delta of combining marks behind a non-space
+      starter cannot move the limit, so it is queued until a starter arrives;
+    - a pre-token start can only appear after the previous limit, so if the limit did not move
+      nothing commits;
+    - while the whole pending text is one long letter or punctuation run (`aaaa`, `!!!!`, CJK,
+      emoji), a delta of that class only lengthens the pre-token: asked of the delta alone.
+    Otherwise the pending text is split again. That commits every pre-token before the one
+    holding the limit; what stays is that pre-token (if long, a run that later pushes lengthen
+    cheaply) and whitespace or marks after it, which wait for the limit to pass them. So each
+    character takes part in a bounded number of splits.
     """
 
     def __init__(self, tokenizer: TextTokenizer):
         self._tok = tokenizer
-        self._pending = ""  # normalized, uncommitted text
         self._started = False  # seen a non-whitespace character in this utterance
+        self._clear()
+
+    def _clear(self) -> None:
+        # The normalized pending text is head + tail, where the tail begins at the last starter:
+        # NFC of later text can change nothing before it. The head is a buffer so that appending
+        # never copies the whole pending text.
+        self._head = _Buffer()
+        self._start = 0  # len(head): the tail's start, the last starter
+        self._tail = ""
+        self._marks = _Buffer()  # queued deltas of combining marks, not yet normalized
+        self._last_text = -1  # index of the last non-whitespace character; -1: none
+        self._run: _RunKind | None = None  # the pending text is one such pre-token
 
     @property
     def pending(self) -> str:
-        return self._pending
+        """The normalized, uncommitted text."""
+        return self._head.text() + self._normalized_tail()
 
     @property
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._tail)
 
     def push(self, delta: str) -> list[int]:
         if not delta:
@@ -263,50 +305,167 @@ class TextCommitter:
             if not delta:
                 return []
             self._started = True
-        # NFC(NFC(a) + b) == NFC(a + b), so normalizing the pending tail is enough.
-        self._pending = self._tok.normalize(self._pending + delta)
-        cut = _stable_boundary(self._pending, self._tok.pretoken_starts(self._pending))
-        if cut <= 0:
+        if self._tail and self._last_text >= self._start and _all_marks(delta):
+            # The limit is the last starter, and marks do not make a new one.
+            self._marks.append(delta)
             return []
-        # Encode in context and keep the ids before the cut: encoding text[:cut] on its own
-        # would let the regex see end-of-input there ("a  0" is a,' ',' ',0 but "a  " alone is
-        # a,'  '). BPE never crosses a pre-token boundary, so the split by offset is exact.
-        ids = self._tok.encode_before(self._pending, cut)
-        self._pending = self._pending[cut:]
-        return ids
+        before, run_start = self._limit(), self._start
+        region = self._extend(delta)
+        # The run's first 3 characters, all that its contraction alternative reads, lie before
+        # the renormalized region when run_start >= 3: the region alone decides.
+        if region is not None and self._run is not None and run_start >= 3 and self._lengthens_run(region):
+            return []
+        self._run = None
+        if self._limit() <= before:
+            return []
+        return self._commit()
 
     def flush(self) -> list[int]:
         """Commit everything pending (end of an utterance) and start a new utterance."""
-        ids = self._tok.encode(self._pending)
-        self._pending = ""
+        ids = self._tok.encode(self.pending)
+        self._clear()
         self._started = False
         return ids
 
+    def _limit(self) -> int:
+        """The last index at or before which a pre-token start is final.
 
-def _stable_boundary(text: str, starts: list[int]) -> int:
-    """The largest pre-token start `e` such that no future text can change text[:e]'s tokens.
+        A pre-token's match depends on what the regex reads at and past its end:
+        - letter, digit and punctuation runs stop at a character that is already here;
+        - contractions (`'ll`) read at most 2 characters past `'`, and a lone `'` token is
+          always followed by a non-letter that settles it;
+        - `\\s*[\\r\\n]+` and `\\s+(?!\\S)` read a whole whitespace run: "x\\n " splits as
+          `x`,`\\n`,` ` but "x\\n \\n" as `x`,`\\n \\n`, so nothing in a run is final until
+          a non-whitespace character closes it;
+        - NFC may compose the last starter character with combining marks that arrive later.
+        So a start must lie at or before the last non-whitespace character and the last
+        starter: then every character an earlier match read is already known, and no later
+        text adds a start at or before it either.
+        """
+        return min(self._start, self._last_text)
 
-    A pre-token's match depends on what the regex reads at and past its end:
-    - letter, digit and punctuation runs stop at a character that is already here;
-    - contractions (`'ll`) read at most 2 characters past `'`, and a lone `'` token is
-      always followed by a non-letter that settles it;
-    - `\\s*[\\r\\n]+` and `\\s+(?!\\S)` read a whole whitespace run: "x\\n " splits as
-      `x`,`\\n`,` ` but "x\\n \\n" as `x`,`\\n \\n`, so nothing in a run is final until
-      a non-whitespace character closes it;
-    - NFC may compose the last starter character with combining marks that arrive later.
-    So the boundary must lie at or before the last non-whitespace character and the last
-    starter: then every character an earlier match read is already known.
-    """
-    n = len(text)
-    last_starter = n - 1
-    while last_starter > 0 and unicodedata.combining(text[last_starter]):
-        last_starter -= 1
-    last_non_ws = n - 1
-    while last_non_ws >= 0 and text[last_non_ws].isspace():
-        last_non_ws -= 1
-    limit = min(last_starter, last_non_ws)
-    best = 0
-    for e in starts:
-        if 0 < e <= limit:
-            best = e
-    return best
+    def _normalized_tail(self) -> str:
+        marks = self._marks.text()
+        return self._tok.normalize(self._tail + marks) if marks else self._tail
+
+    def _extend(self, delta: str) -> str | None:
+        """Append `delta`; returns the renormalized region (the old tail onwards), or None when
+        the whole pending text had to be rescanned."""
+        start = self._start
+        # NFC(a) + b normalizes to a[:s] + NFC(a[s:] + b) when a[s] is a starter: nothing
+        # reorders across a starter, and what composes with it is behind it.
+        marks = self._marks.text()
+        region = self._tok.normalize(self._tail + marks + delta)
+        if marks:
+            self._marks = _Buffer()
+        starter = _last_starter(region)
+        text = _last_text(region)
+        lost_starter = start > 0 and starter == 0 and unicodedata.combining(region[0]) != 0
+        lost_text = text < 0 and self._last_text >= start
+        if lost_starter or lost_text:
+            # NFC turned the old tail's starter into a mark, or its text into whitespace: not
+            # possible with Unicode's tables, but exactness should not rest on that.
+            self._rescan(self._head.text() + region)
+            return None
+        if text >= 0:
+            self._last_text = start + text
+        if starter:
+            self._head.append(region[:starter])
+            self._start += starter
+        self._tail = region[starter:]
+        return region
+
+    def _rescan(self, text: str) -> None:
+        starter = _last_starter(text)
+        self._head, self._start, self._tail = _Buffer(text[:starter]), starter, text[starter:]
+        self._last_text = _last_text(text)
+
+    def _lengthens_run(self, region: str) -> bool:
+        """Whether the pending text, a single run pre-token before `region`, still is one."""
+        if self._run == "letters":
+            probe = _LETTER_PROBE + region
+        elif "\r" in region or "\n" in region:
+            return False  # `[\r\n]*` may end a punctuation pre-token
+        else:
+            probe = _PUNCT_PROBE + region
+        return self._tok.pretoken_starts(probe) == [0]
+
+    def _commit(self) -> list[int]:
+        """Split the pending text and commit every pre-token that starts before the limit."""
+        text = self._head.text() + self._tail
+        starts = self._tok.pretoken_starts(text)
+        k = bisect_right(starts, self._limit()) - 1
+        ids: list[int] = []
+        if k > 0:
+            cut = starts[k]
+            # Encode in context and keep the ids before the cut: encoding text[:cut] on its own
+            # would let the regex see end-of-input there ("a  0" is a,' ',' ',0 but "a  " alone
+            # is a,'  '). BPE never crosses a pre-token boundary, so the split by offset is exact.
+            ids = self._tok.encode_before(text, cut)
+            text, starts = text[cut:], [s - cut for s in starts[k:]]
+            self._start -= cut
+            self._last_text -= cut
+            self._head = _Buffer(text[: self._start])
+        self._run = self._run_kind(text, starts)
+        return ids
+
+    def _run_kind(self, text: str, starts: list[int]) -> _RunKind | None:
+        """Which run, if any, the pending text is, as one pre-token that a delta of the same
+        class can only lengthen."""
+        if len(starts) != 1 or len(text) < _RUN_MIN:
+            return None
+        rest = text[1:]
+        if self._tok.pretoken_starts(_LETTER_PROBE + rest) == [0]:
+            return "letters"  # `[^\r\n\p{L}\p{N}]?\p{L}+`
+        if "\r" not in text and "\n" not in text and self._tok.pretoken_starts(_PUNCT_PROBE + rest) == [0]:
+            return "punct"  # ` ?[^\s\p{L}\p{N}]+`
+        return None
+
+
+class _Buffer:
+    """An appendable string: O(len(text)) amortised per append, where `str +=` copies it all.
+    Short text (the usual case: the head is committed within a word) stays a plain str."""
+
+    __slots__ = ("_long", "_short")
+    _SHORT = 256
+
+    def __init__(self, text: str = ""):
+        self._short = text
+        self._long: io.StringIO | None = None
+
+    def append(self, text: str) -> None:
+        if self._long is not None:
+            self._long.write(text)
+        elif len(self._short) + len(text) <= self._SHORT:
+            self._short += text
+        else:
+            self._long = io.StringIO()
+            self._long.write(self._short)
+            self._long.write(text)
+
+    def text(self) -> str:
+        return self._short if self._long is None else self._long.getvalue()
+
+
+def _all_marks(text: str) -> bool:
+    """Whether `text` is only combining marks, even decomposed (U+0F73 is class 0 but NFC makes
+    it two marks): then it adds no starter."""
+    if not unicodedata.combining(text[0]) and text[0] < "\u0f73":
+        return False  # the usual answer, without decomposing (nothing below U+0F73 is like it)
+    return all(unicodedata.combining(ch) for ch in unicodedata.normalize("NFD", text))
+
+
+def _last_starter(text: str) -> int:
+    """Index of the last character of canonical combining class 0 (index 0 if none)."""
+    i = len(text) - 1
+    while i > 0 and unicodedata.combining(text[i]):
+        i -= 1
+    return i
+
+
+def _last_text(text: str) -> int:
+    """Index of the last non-whitespace character (-1 if none)."""
+    i = len(text) - 1
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    return i
