@@ -4,8 +4,10 @@
 WebSocket frame it receives to :func:`parse_client_message` and gets back one typed, frozen message
 or a :class:`ProtocolError` carrying the stable error code to send back. Events going the other
 way are frozen dataclasses with ``to_dict()`` / ``to_json()``; binary audio frames are built with
-:func:`pack_audio_frame`. Nothing here touches a socket, a clock, numpy or the engine, so every
+:func:`pack_audio_frame`. Nothing here touches a socket, a clock, numpy or a model, so every
 rule is tested by feeding strings, and the voices/languages a model offers are plain parameters.
+The one thing borrowed from the engine is its table of sampling bounds
+(``engine.sampling.check_sampling``), so that every transport refuses the same values.
 
 Configuration is layered. :class:`SessionConfig` is a complete, effective configuration (the
 server's defaults, reported as ``config`` in ``session.created``). ``session.update`` and
@@ -87,6 +89,10 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_POLICY: Final = 1008
 CLOSE_INTERNAL: Final = 1011
 CLOSE_PROTOCOL: Final = 4000  # generic: e.g. too many consecutive bad messages
+# A send to the client did not complete within the server's write timeout: the client stopped
+# reading (or reads far slower than the audio it asked for). Its streams are cancelled.
+CLOSE_WRITE_TIMEOUT: Final = 4013
+DEFAULT_WRITE_TIMEOUT: Final = 10.0  # seconds, the server's default (`serve --write-timeout`)
 _CLOSE_CODES: Final = {
     ErrorCode.INVALID_JSON: 4001,
     ErrorCode.INVALID_MESSAGE: 4002,
@@ -158,9 +164,9 @@ class FrameError(ValueError):
 class Limits:
     """Per-session limits, reported in ``session.created``; keyword-only so call sites read well.
 
-    The transport's own frame limit (uvicorn ``ws_max_size``) must be set above
-    ``max_message_bytes``, or oversize messages close the socket (1009) before this module can
-    answer them with a precise ``message_too_large``.
+    The transport's own frame limit (uvicorn ``ws_max_size``, 16 MiB in this server) must be
+    set well above ``max_message_bytes``: oversize messages below it get a precise, non-fatal
+    ``message_too_large``; only larger ones close the socket (1009).
     """
 
     max_message_bytes: int = 256 * 1024  # one client frame, as received
@@ -406,13 +412,74 @@ def _as_int(v: Any) -> int | None:
 
 
 def _as_number(v: Any) -> float | None:
-    if _is_int(v) or (isinstance(v, float) and math.isfinite(v)):
-        return float(v)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if _is_int(v):
+        try:
+            return float(v)
+        except OverflowError:  # an integer literal with hundreds of digits
+            return None
     return None
 
 
 def _utf8_len(s: str) -> int:
     return len(s.encode("utf-8", "surrogatepass"))
+
+
+def is_valid_unicode(s: str) -> bool:
+    """False for a string holding lone surrogates (the JSON escape "\\ud800" decodes to one): it
+    has no UTF-8 form, so neither the tokenizer nor a WebSocket text frame can carry it."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_Path: TypeAlias = "tuple[str | int, _Path] | None"  # a field's key and its parent's path
+
+
+def _invalid_unicode_field(obj: Any) -> str | None:
+    """The name of the first field of parsed JSON whose key or string value is not valid Unicode
+    ("text", "output.encoding", "chunk_schedule[2]"), else None.
+
+    Iterative, and paths are linked (key, parent) pairs spelled out only for the field found:
+    ``json.loads`` accepts nesting close to the recursion limit, and eager path strings for every
+    element of a long list deep down would cost quadratic memory.
+    """
+    stack: list[tuple[Any, _Path]] = [(obj, None)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not is_valid_unicode(value):
+                return _spell(path) if path is not None else "the message"
+        elif isinstance(value, dict):
+            for key in value:  # keys are checked before they join a path
+                if not is_valid_unicode(key):
+                    return f"a field name in {_spell(path)}" if path is not None else "a field name"
+            # Reversed onto the stack, so fields are checked in message order.
+            stack.extend((item, (key, path)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((value[i], (i, path)) for i in range(len(value) - 1, -1, -1))
+    return None
+
+
+def _spell(path: _Path, limit: int = 80) -> str:
+    """ "a.b[2]" from a linked path; a long path keeps its end (the field itself) whole."""
+    parts: list[str] = []  # leaf first
+    size = 0
+    while path is not None:
+        key, path = path
+        name = key if isinstance(key, int) else key[:64]  # keys can be long; the echo stays short
+        part = f"[{name}]" if isinstance(name, int) else (f".{name}" if path is not None else name)
+        if parts and size + len(part) > limit:
+            parts.append("...")
+            break
+        parts.append(part)
+        size += len(part)
+    return "".join(reversed(parts))
 
 
 def resolve_voice(name: str, voices: Collection[str]) -> str:
@@ -440,38 +507,40 @@ def resolve_language(name: str, languages: Collection[str]) -> str:
 
 
 def _sampling(obj: Any) -> dict[str, Any]:
-    code = ErrorCode.INVALID_SAMPLING
+    """Sampling values, checked against the engine's documented bounds (one source of truth).
+
+    Values that would overflow the sampler (a temperature of 1e-300, a top_k of 2**63) are
+    refused here, before a stream exists, instead of failing a batched step other streams share.
+    """
+    # Imported here so that clients importing this module (for the frame header) do not pay for
+    # torch, which engine.sampling needs.
+    from engine.sampling import SamplingError, check_sampling
+
     if not isinstance(obj, Mapping):
-        raise ProtocolError(code, "sampling must be an object")
-    out: dict[str, Any] = {}
-    if obj.get("temperature") is not None:
-        t = _as_number(obj["temperature"])
-        if t is None or t < 0:
-            raise ProtocolError(code, "sampling.temperature must be a number >= 0 (0 = greedy)")
-        out["temperature"] = t
-    if obj.get("top_k") is not None:
-        k = _as_int(obj["top_k"])
-        if k is None or k < 0:
-            raise ProtocolError(code, "sampling.top_k must be an integer >= 0 (0 = disabled)")
-        out["top_k"] = k
-    if obj.get("top_p") is not None:
-        p = _as_number(obj["top_p"])
-        if p is None or not 0 < p <= 1:
-            raise ProtocolError(code, "sampling.top_p must be a number in (0, 1]")
-        out["top_p"] = p
-    if obj.get("repetition_penalty") is not None:
-        r = _as_number(obj["repetition_penalty"])
-        if r is None or r <= 0:
-            raise ProtocolError(code, "sampling.repetition_penalty must be a number > 0")
-        out["repetition_penalty"] = r
-    if "seed" in obj:
-        seed = obj["seed"]
-        if seed is not None:
-            seed = _as_int(seed)
-            if seed is None or not 0 <= seed < 2**64:
-                raise ProtocolError(code, "sampling.seed must be an integer in [0, 2**64) or null")
-        out["seed"] = seed
-    return out
+        raise ProtocolError(ErrorCode.INVALID_SAMPLING, "sampling must be an object")
+    given: dict[str, Any] = {}
+    for name, convert in _SAMPLING_FIELDS:
+        if obj.get(name) is not None:
+            value = convert(obj[name])
+            # A value of the wrong type (a string, a bool, 2.5 for an integer) is checked as NaN:
+            # refused with the message that names the field's range.
+            given[name] = math.nan if value is None else value
+    try:
+        check_sampling(**given)
+    except SamplingError as e:
+        raise ProtocolError(ErrorCode.INVALID_SAMPLING, f"sampling.{e}") from None
+    if "seed" in obj and obj["seed"] is None:
+        given["seed"] = None  # null clears the seed (absence inherits it)
+    return given
+
+
+_SAMPLING_FIELDS: Final[tuple[tuple[str, Callable[[Any], Any]], ...]] = (
+    ("temperature", _as_number),
+    ("top_k", _as_int),
+    ("top_p", _as_number),
+    ("repetition_penalty", _as_number),
+    ("seed", _as_int),
+)
 
 
 def _output(obj: Any) -> dict[str, Any]:
@@ -689,24 +758,42 @@ def parse_client_message(
         raise ProtocolError(
             ErrorCode.MESSAGE_TOO_LARGE, f"message is {size} bytes, the limit is {limits.max_message_bytes}"
         )
+    if isinstance(data, str):
+        text = data
+    else:
+        try:  # strictly: json.loads(bytes) would let encoded surrogates and UTF-16 through
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.INVALID_JSON, "invalid JSON: the message is not UTF-8") from None
     try:
-        obj = json.loads(
-            bytes(data) if isinstance(data, (bytearray, memoryview)) else data,
-            parse_constant=_reject_constant,
-        )
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(
             ErrorCode.INVALID_JSON, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
-    except (ValueError, RecursionError):  # bad UTF-8, NaN/Infinity, absurd nesting
+    except (ValueError, RecursionError):  # NaN/Infinity, absurd nesting
         raise ProtocolError(ErrorCode.INVALID_JSON, "invalid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object with a 'type'")
     event_id = obj.get("event_id")
     if not (_is_int(event_id) or (isinstance(event_id, str) and len(event_id) <= limits.max_name_chars)):
         event_id = None  # unusable ids are not echoed, but do not make the message invalid
+    elif isinstance(event_id, str) and not is_valid_unicode(event_id):
+        event_id = None  # nor are ids that a text frame cannot carry
     cid = obj.get("context_id")
     context_id = cid if isinstance(cid, str) and 0 < len(cid) <= limits.max_context_id_chars else None
+    if context_id is not None and not is_valid_unicode(context_id):
+        context_id = None
+    # Valid UTF-8 input holds no surrogates except through "\\u" escapes: only then walk the object.
+    if "\\u" in text or not is_valid_unicode(text):
+        bad = _invalid_unicode_field(obj)
+        if bad is not None:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"{bad} is not valid Unicode (it holds an unpaired surrogate)",
+                event_id,
+                context_id,
+            )
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(
@@ -760,8 +847,13 @@ class _Event:
         raise NotImplementedError
 
     def to_json(self) -> str:
-        """The text frame to send (compact, UTF-8 kept as is)."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        """The text frame to send (compact, UTF-8 kept as is). Never fails on a string that has
+        no UTF-8 form: such a frame is rendered with ASCII escapes instead, so the writer can
+        always send it."""
+        frame = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        if not is_valid_unicode(frame):
+            frame = json.dumps(self.to_dict(), separators=(",", ":"))
+        return frame
 
 
 @dataclass(frozen=True)
@@ -845,6 +937,9 @@ class ContextMetrics:
     frames: int = 0  # codec frames (80 ms each)
     stall_ms: float = 0.0  # time the stream waited for text
     utterances: int = 0
+    # Utterances the server ended itself because the model never emitted end-of-audio (the
+    # text-derived frame budget or the frame cap ran out): their audio may end abruptly.
+    truncated: int = 0
 
     @property
     def rtf(self) -> float | None:
@@ -862,21 +957,30 @@ class ContextMetrics:
             "frames": self.frames,
             "stall_ms": _ms(self.stall_ms),
             "utterances": self.utterances,
+            "truncated": self.truncated,
         }
 
 
 @dataclass(frozen=True)
 class ContextDone(_Event):
+    """``truncated`` is true when at least one utterance of the context was ended by the server
+    rather than by the model (``metrics.truncated`` counts them)."""
+
     type: ClassVar[str] = "context.done"
     context_id: str
     audio_ms: float
     metrics: ContextMetrics = field(default_factory=ContextMetrics)
+
+    @property
+    def truncated(self) -> bool:
+        return self.metrics.truncated > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "context_id": self.context_id,
             "audio_ms": _ms(self.audio_ms),
+            "truncated": self.truncated,
             "metrics": self.metrics.to_dict(),
         }
 

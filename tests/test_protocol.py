@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from realtime.protocol import (
@@ -297,6 +297,54 @@ BAD_MESSAGES: list[tuple[str, Any, ErrorCode]] = [
         ErrorCode.INVALID_SAMPLING,
     ),
     ("seed fraction", {"type": "session.update", "sampling": {"seed": 1.5}}, ErrorCode.INVALID_SAMPLING),
+    # Values that passed the old checks and broke a batched engine step for every stream in it.
+    (
+        "temperature 1e-300",
+        {"type": "session.update", "sampling": {"temperature": 1e-300}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "temperature 1e308",
+        {"type": "session.update", "sampling": {"temperature": 1e308}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "temperature -inf",
+        '{"type": "session.update", "sampling": {"temperature": -1e999}}',
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "temperature a 400-digit integer",
+        '{"type": "session.update", "sampling": {"temperature": 1' + "0" * 400 + "}}",
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "temperature 'NaN'",
+        {"type": "session.update", "sampling": {"temperature": "NaN"}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "penalty 1e-300",
+        {"type": "session.update", "sampling": {"repetition_penalty": 1e-300}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "penalty 11",
+        {"type": "session.update", "sampling": {"repetition_penalty": 11}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    ("top_k 2**63", {"type": "session.update", "sampling": {"top_k": 2**63}}, ErrorCode.INVALID_SAMPLING),
+    ("top_k 1e300", {"type": "session.update", "sampling": {"top_k": 1e300}}, ErrorCode.INVALID_SAMPLING),
+    (
+        "context.create penalty 1e-300",
+        {"type": "context.create", "context_id": "c", "sampling": {"repetition_penalty": 1e-300}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
+    (
+        "context.create top_k 2**63",
+        {"type": "context.create", "context_id": "c", "sampling": {"top_k": 2**63}},
+        ErrorCode.INVALID_SAMPLING,
+    ),
     ("seed negative", {"type": "session.update", "sampling": {"seed": -1}}, ErrorCode.INVALID_SAMPLING),
     ("seed too big", {"type": "session.update", "sampling": {"seed": 2**64}}, ErrorCode.INVALID_SAMPLING),
     ("seed a string", {"type": "session.update", "sampling": {"seed": "7"}}, ErrorCode.INVALID_SAMPLING),
@@ -315,6 +363,106 @@ def test_bad_messages_get_precise_codes(raw: Any, code: ErrorCode) -> None:
     event = json.loads(err.to_event().to_json())
     assert event["type"] == "error" and event["code"] == code.value and event["fatal"] is False
     assert isinstance(event["message"], str) and 0 < len(event["message"]) < 600
+
+
+def test_sampling_bounds_are_the_documented_ones() -> None:
+    """The edges of the documented ranges are accepted; just outside them is refused, with a
+    message naming the field and its range."""
+    edges = [
+        {"temperature": 0},
+        {"temperature": 0.01},
+        {"temperature": 10},
+        {"top_k": 0},
+        {"top_k": 65536},
+        {"top_p": 1},
+        {"repetition_penalty": 0.1},
+        {"repetition_penalty": 10.0},
+        {"seed": 2**64 - 1},
+    ]
+    for sampling in edges:
+        assert parse({"type": "session.update", "sampling": sampling}).config != ConfigUpdate()
+    outside = [
+        ({"temperature": 0.009}, "sampling.temperature must be 0 (greedy) or a number in [0.01, 10.0]"),
+        ({"temperature": 10.5}, "sampling.temperature"),
+        ({"top_k": 65537}, "sampling.top_k must be an integer in [0, 65536]"),
+        ({"repetition_penalty": 0.09}, "sampling.repetition_penalty must be a number in [0.1, 10.0]"),
+    ]
+    for sampling, message in outside:
+        err = error_of({"type": "context.create", "context_id": "c", "event_id": 3, "sampling": sampling})
+        assert (err.code, err.context_id, err.event_id, err.fatal) == (
+            ErrorCode.INVALID_SAMPLING,
+            "c",
+            3,
+            False,
+        )
+        assert err.message.startswith(message)
+
+
+# A lone surrogate in each place a string can sit; the JSON escape is how a client sends one.
+SURROGATE_FIELDS: list[tuple[str, str, str]] = [
+    ("text", '{"type": "text.append", "context_id": "c", "text": "Hi \\ud800"}', "text"),
+    ("mark name", '{"type": "mark", "context_id": "c", "name": "\\udfff"}', "name"),
+    ("context_id", '{"type": "text.append", "context_id": "\\ud800", "text": "hi"}', "context_id"),
+    ("cancel context_id", '{"type": "context.cancel", "context_id": "x\\udc00"}', "context_id"),
+    ("event_id", '{"type": "text.flush", "event_id": "\\ud800"}', "event_id"),
+    ("ping id", '{"type": "ping", "id": "\\ud800"}', "id"),
+    ("voice", '{"type": "session.update", "voice": "ryan\\ud800"}', "voice"),
+    ("language", '{"type": "session.update", "language": "\\ud800"}', "language"),
+    (
+        "instructions",
+        '{"type": "context.create", "context_id": "c", "instructions": "\\ud800"}',
+        "instructions",
+    ),
+    ("encoding", '{"type": "session.update", "output": {"encoding": "\\ud800"}}', "output.encoding"),
+    ("type", '{"type": "\\ud800"}', "type"),
+    ("unknown field", '{"type": "ping", "extra": ["ok", "\\ud800"]}', "extra[1]"),
+    ("field name", '{"type": "ping", "\\ud800": 1}', "a field name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"), [(raw, f) for _, raw, f in SURROGATE_FIELDS], ids=[n for n, _, _ in SURROGATE_FIELDS]
+)
+def test_lone_surrogates_anywhere_are_a_precise_error(raw: str, field: str) -> None:
+    for frame in (raw, raw.encode()):  # text and binary frames
+        err = error_of(frame)
+        assert err.code is ErrorCode.INVALID_MESSAGE and not err.fatal
+        assert err.message == f"{field} is not valid Unicode (it holds an unpaired surrogate)"
+        # The error frame can be sent: it holds no unencodable string (ids included).
+        err.to_event().to_json().encode("utf-8")
+
+
+def test_surrogate_errors_echo_only_valid_ids() -> None:
+    err = error_of('{"type": "text.append", "context_id": "c", "event_id": "e", "text": "\\ud800"}')
+    assert (err.event_id, err.context_id) == ("e", "c")
+    err = error_of('{"type": "text.append", "context_id": "\\ud800", "event_id": "\\udc00", "text": "x"}')
+    assert (err.event_id, err.context_id) == (None, None)
+
+
+def test_valid_escapes_and_encoded_surrogates() -> None:
+    # A surrogate pair is one valid character; a surrogate encoded in the bytes is not UTF-8.
+    assert parse('{"type": "text.append", "text": "\\ud83d\\ude00 \\u00fc"}').text == "\U0001f600 ü"
+    assert parse(b'{"type": "text.append", "text": "\\\\ud800"}').text == "\\ud800"  # an escaped backslash
+    assert error_of(b'{"type": "text.append", "text": "\xed\xa0\x80"}').code is ErrorCode.INVALID_JSON
+    # Deep nesting that the JSON parser accepts is walked without recursion.
+    deep = '{"type": "ping", "x": ' + "[" * 900 + '"\\ud800"' + "]" * 900 + "}"
+    message = error_of(deep).message
+    assert message.startswith("...[0][0]") and len(message) < 200
+    two = '{"type": "ping", "a": "\\ud800", "b": {"c": "\\udc00"}}'
+    assert error_of(two).message.startswith("a is not valid")  # the first one, in message order
+    assert error_of(two.replace('"a"', '"z"')).message.startswith("z is not valid")
+
+
+def test_event_frames_never_fail_on_unencodable_strings() -> None:
+    for event in (
+        MarkEvent("c", "bad \ud800", 0),
+        ErrorEvent(ErrorCode.INVALID_MESSAGE, "message \udfff", "c\ud800", "e\ud800"),
+        Pong("\ud800"),
+    ):
+        frame = event.to_json()
+        frame.encode("utf-8")
+        assert json.loads(frame) == event.to_dict()  # the escapes round-trip
+    assert "ü" in MarkEvent("c", "grüße", 0).to_json()  # valid text stays unescaped
 
 
 def test_errors_echo_event_and_context_ids() -> None:
@@ -394,6 +542,12 @@ FIELDS = st.sampled_from(
 )
 
 
+# Generating nested JSON is slow on a busy machine: hypothesis's too_slow health check and its
+# per-example deadline measure the machine, not the parser. Every example still runs.
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+
+
+@FUZZ
 @given(
     st.sampled_from(
         ["session.update", "context.create", "text.append", "mark", "ping", "context.cancel", "x"]
@@ -411,12 +565,32 @@ def test_fuzzed_messages_parse_or_raise_protocol_error(kind: str, extra: dict[st
         assert msg.type == obj["type"]
 
 
+@FUZZ
 @given(st.binary(max_size=64) | st.text(max_size=64))
 def test_garbage_frames_never_escape_as_other_exceptions(data: str | bytes) -> None:
     try:
         parse_client_message(data)
     except ProtocolError:
         pass
+
+
+@FUZZ
+@given(
+    st.sampled_from(["session.update", "context.create", "text.append", "mark", "ping", "text.flush"]),
+    st.dictionaries(
+        FIELDS | st.just("event_id") | st.just("instructions"),
+        st.text(st.characters(codec=None, categories=["Cs", "Ll", "Nd"]), max_size=6),
+        max_size=4,
+    ),
+)
+def test_fuzzed_surrogates_never_escape(kind: str, extra: dict[str, Any]) -> None:
+    raw = json.dumps({"type": kind, **extra})  # ASCII escapes, as a client would send them
+    try:
+        msg = parse(raw, voices=VOICES, languages=LANGUAGES)
+    except ProtocolError as exc:
+        exc.to_event().to_json().encode("utf-8")
+    else:
+        json.dumps(dataclasses.asdict(msg), ensure_ascii=False, default=str).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,6 +617,7 @@ def test_default_session_config() -> None:
     assert cfg.text.idle_flush_ms == 800 and cfg.language == "auto"
 
 
+@FUZZ
 @given(
     st.builds(
         SessionConfig,
@@ -455,7 +630,7 @@ def test_default_session_config() -> None:
         chunk_schedule=st.lists(st.integers(1, 64), min_size=1, max_size=8).map(tuple),
         sampling=st.builds(
             SamplingParams,
-            st.floats(0, 5),
+            st.just(0.0) | st.floats(0.01, 10),  # the documented bounds: 0 (greedy) or [0.01, 10]
             st.integers(0, 100),
             st.floats(0.01, 1),
             st.floats(0.5, 2),
@@ -524,6 +699,7 @@ def test_context_event_frames() -> None:
         "type": "context.done",
         "context_id": "c",
         "audio_ms": 5120.0,
+        "truncated": False,
         "metrics": {
             "first_text_to_first_audio_ms": 142.5,
             "audio_ms": 5120.0,
@@ -532,6 +708,7 @@ def test_context_event_frames() -> None:
             "frames": 64,
             "stall_ms": 30.0,
             "utterances": 2,
+            "truncated": 0,
         },
     }
     empty = ContextDone("c", 0).to_dict()["metrics"]
@@ -541,6 +718,14 @@ def test_context_event_frames() -> None:
 
 def test_event_json_keeps_unicode() -> None:
     assert "ü" in MarkEvent("c", "grüße", 0).to_json()
+
+
+def test_context_done_reports_truncated_utterances() -> None:
+    done = ContextDone("c", 800, ContextMetrics(audio_ms=800, frames=10, utterances=2, truncated=1))
+    assert done.truncated
+    frame = json.loads(done.to_json())
+    assert frame["truncated"] is True and frame["metrics"]["truncated"] == 1
+    assert json.loads(ContextDone("c", 0).to_json())["truncated"] is False
 
 
 # --------------------------------------------------------------------------------------------
