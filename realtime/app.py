@@ -12,30 +12,43 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from engine.scheduler import Engine
+from engine.checkpoint import CheckpointError
+from engine.config import ConfigError
+from engine.scheduler import Engine, EngineError
 from realtime import protocol as P
 from realtime import voices_api
 from realtime.compat import openai as oa
-from realtime.session import Session
+from realtime.session import DEFAULT_WRITE_TIMEOUT, ClientGone, Session
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+# The transport's frame limit. Messages between the protocol's max_message_bytes (256 KiB) and
+# this get a precise, non-fatal message_too_large; only larger ones are closed by the transport
+# (1009), because reading them would mean buffering them.
+WS_MAX_SIZE = 16 * 1024 * 1024
 
 
 @dataclass
@@ -47,6 +60,13 @@ class ServerSettings:
     max_streams: int = 8  # streams generating at once (the engine's batch rows)
     voices_db: str | None = None  # SQLite store of cloned voices (Base models)
     limits: P.Limits = field(default_factory=P.Limits)
+    # Seconds one send to a WebSocket client may take; past it the session is closed (4013) and
+    # its streams are cancelled, so a client that stops reading cannot hold engine rows.
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    # Browser origins allowed to open a WebSocket besides same-origin and localhost pages
+    # ("*": any). Requests without an Origin header (non-browser clients) are always allowed.
+    allowed_origins: tuple[str, ...] = ()
+    ws_max_size: int = WS_MAX_SIZE
 
 
 class EngineHolder:
@@ -72,6 +92,9 @@ class EngineHolder:
         self._thread: threading.Thread | None = None
         self.loaded_at: float | None = time.time() if engine is not None else None
         self._owns_engine = engine is None  # an engine passed in belongs to the caller
+        # Called (from the loading thread) when the model cannot load: `run` stops the server
+        # then, rather than keep serving a /health of 500.
+        self.on_failure: Callable[[], None] | None = None
 
     def start(self) -> None:
         if self.engine is None and self._thread is None:
@@ -83,9 +106,15 @@ class EngineHolder:
             self.engine = self._factory()
             self.loaded_at = time.time()
             log.info("model %s loaded", self.settings.model)
-        except Exception as e:
-            log.exception("model load failed")
+        except (CheckpointError, ConfigError, EngineError, OSError) as e:
+            # A wrong path, a model missing offline, a corrupt checkpoint: one line says it all.
+            log.error("cannot load model %s: %s", self.settings.model, " ".join(str(e).split()))
             self.error = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            log.exception("cannot load model %s", self.settings.model)
+            self.error = f"{type(e).__name__}: {e}"
+        if self.error is not None and self.on_failure is not None:
+            self.on_failure()
 
     @property
     def ready(self) -> bool:
@@ -124,6 +153,11 @@ class _EngineCollector(Collector):
         for outcome in ("opened", "completed", "failed", "refused"):
             c.add_metric([outcome], getattr(st, outcome))
         yield c
+        yield CounterMetricFamily(
+            "tts_utterances_truncated",
+            "Utterances the engine ended itself because the model never emitted end-of-audio",
+            value=st.truncated,
+        )  # exported as tts_utterances_truncated_total
 
 
 def create_app(settings: ServerSettings | None = None, *, engine: Engine | None = None) -> Starlette:
@@ -150,6 +184,18 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
     # ---- WebSocket: the native protocol --------------------------------------------------
 
     async def ws_stream(websocket: WebSocket) -> None:
+        origin = websocket.headers.get("origin")
+        if not origin_allowed(origin, websocket.headers.get("host"), settings.allowed_origins):
+            log.info(
+                "refused a WebSocket from origin %r (see --allow-origin)", origin[:200] if origin else origin
+            )
+            await websocket.send_denial_response(
+                JSONResponse(
+                    {"error": {"code": "forbidden_origin", "message": "this origin may not open a session"}},
+                    403,
+                )
+            )
+            return
         if not authorized(websocket.headers, websocket.query_params):
             await websocket.send_denial_response(
                 JSONResponse({"error": {"code": "unauthorized", "message": "missing or wrong API key"}}, 401)
@@ -162,8 +208,11 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
             event = P.ErrorEvent(
                 code=P.ErrorCode.OVERLOADED, message=f"{reason}; try again later", fatal=True
             )
-            await websocket.send_text(event.to_json())
-            await websocket.close(code=P.close_code(P.ErrorCode.OVERLOADED))
+            try:
+                await asyncio.wait_for(websocket.send_text(event.to_json()), settings.write_timeout)
+            except (asyncio.TimeoutError, *_GONE):
+                pass  # the close below still ends the connection
+            await close_websocket(websocket, P.close_code(P.ErrorCode.OVERLOADED), settings.write_timeout)
             return
         assert holder.engine is not None
         state["sessions"] += 1
@@ -175,43 +224,14 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
             elif name == "first_audio_ms":
                 session_first_audio.observe(value / 1000.0)
 
+        send_text, send_bytes = _senders(websocket)
         session = Session(
-            holder.engine, websocket.send_text, websocket.send_bytes, model_name=settings.model,
-            limits=settings.limits, resolve_alias=oa.alias_resolver(holder.engine), on_event=on_event,
+            holder.engine, send_text, send_bytes, model_name=settings.model, limits=settings.limits,
+            resolve_alias=oa.alias_resolver(holder.engine), write_timeout=settings.write_timeout,
+            on_event=on_event,
         )  # fmt: skip
-        writer = await session.start()
         try:
-            while True:
-                receive = asyncio.ensure_future(websocket.receive())
-                done, _ = await asyncio.wait({receive, writer}, return_when=asyncio.FIRST_COMPLETED)
-                if writer in done:  # a fatal error was sent: close
-                    receive.cancel()
-                    await session.disconnect()
-                    await websocket.close(code=session.close_code or P.CLOSE_PROTOCOL)
-                    return
-                message = receive.result()
-                if message["type"] == "websocket.disconnect":
-                    raise WebSocketDisconnect(message.get("code", 1000))
-                data = message.get("text")
-                if data is None:
-                    data = message.get("bytes") or b""
-                if not await session.handle(data):
-                    break
-            # session.close (graceful) or a fatal error raised by handle()
-            await session.finish()
-            with contextlib.suppress(Exception):
-                await writer
-            await session.disconnect()
-            await websocket.close(code=session.close_code or P.CLOSE_NORMAL)
-        except WebSocketDisconnect:
-            await session.disconnect()
-            writer.cancel()
-        except Exception:
-            log.exception("session %s crashed", session.id)
-            await session.disconnect()
-            writer.cancel()
-            with contextlib.suppress(Exception):
-                await websocket.close(code=P.CLOSE_INTERNAL)
+            await run_session(websocket, session)
         finally:
             state["sessions"] -= 1
             sessions.dec()
@@ -281,7 +301,9 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         yield
         await asyncio.to_thread(holder.close)
 
+    install_log_redaction()
     app = Starlette(
+        middleware=[Middleware(TransportAccess)],
         routes=[
             Route("/", index),
             Route("/health", health),
@@ -299,15 +321,222 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
     return app
 
 
-def run(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+# ---- one WebSocket session -----------------------------------------------------------------
+
+# Exceptions that mean the client's socket is already gone when we send or close.
+_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
+
+
+def _senders(websocket: WebSocket) -> tuple[Callable[[str], Any], Callable[[bytes], Any]]:
+    """The session's send callbacks: a closed socket raises ClientGone, a normal end."""
+
+    async def send_text(data: str) -> None:
+        try:
+            await websocket.send_text(data)
+        except _GONE:
+            raise ClientGone from None
+
+    async def send_bytes(data: bytes) -> None:
+        try:
+            await websocket.send_bytes(data)
+        except _GONE:
+            raise ClientGone from None
+
+    return send_text, send_bytes
+
+
+async def run_session(websocket: WebSocket, session: Session) -> None:
+    """Feed the client's frames to `session` until it ends, then release everything.
+
+    Whatever ends it (session.close, a fatal error, the client leaving, a send past the write
+    timeout, a bug), every engine stream of the session is released before this returns. Only a
+    bug is logged with a traceback; a client leaving is routine.
+    """
+    writer = await session.start()
+    close: int | None = None
+    try:
+        close = await _read_frames(websocket, session, writer)
+    except (WebSocketDisconnect, WebSocketDisconnected, ClientGone):
+        close = None
+    except Exception:
+        log.exception("session %s crashed", session.id)
+        close = P.CLOSE_INTERNAL
+    finally:
+        await session.disconnect()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    if session.ended_by == "write_timeout":
+        log.info(
+            "session %s: a send took over %g s (the client is not reading); closing it with %d",
+            session.id, session.write_timeout, close,
+        )  # fmt: skip
+    elif close is None:
+        log.info("session %s: the client disconnected", session.id)
+    if close is not None:
+        await close_websocket(websocket, close, session.write_timeout)
+
+
+async def _read_frames(websocket: WebSocket, session: Session, writer: asyncio.Task[None]) -> int | None:
+    """The receive loop. Returns the close code to send, or None when the client is gone."""
+    while True:
+        receive = asyncio.ensure_future(websocket.receive())
+        done, _ = await asyncio.wait({receive, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if writer in done:  # a fatal error was sent, or the writer could not send
+            receive.cancel()
+            writer.result()  # a bug in the writer propagates from here
+            break
+        message = receive.result()
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+        if not await session.handle(data):
+            break
+    # session.close (graceful), a fatal error, or the writer stopped: send what is queued first.
+    # This ends: every send has a deadline, and the writer stops at the first one it misses.
+    await session.finish()
+    await writer
+    if session.ended_by == "client_gone":
+        return None
+    return session.close_code or P.CLOSE_NORMAL
+
+
+async def close_websocket(websocket: WebSocket, code: int, timeout: float) -> None:
+    """Close with `code`; a client that does not read within `timeout` cannot take the close
+    frame either, so its connection is dropped instead of lingering with unsendable data."""
+    try:
+        await asyncio.wait_for(websocket.close(code=code), timeout)
+    except asyncio.TimeoutError:
+        abort = websocket.scope.get(_ABORT_KEY)
+        if abort is not None:
+            abort()
+    except _GONE:
+        pass  # already closed by the client
+
+
+# ---- transport access, origins and logs --------------------------------------------------------
+
+_ABORT_KEY = "realtime.abort"
+
+
+class TransportAccess:
+    """ASGI middleware: gives WebSocket handlers a way to drop the TCP connection.
+
+    ASGI can only close a WebSocket politely, and a polite close waits until the peer reads
+    what is buffered, which a dead reader never does. uvicorn's protocol objects expose their
+    transport, and uvicorn hands the app their bound `send`: from that, `scope["realtime.abort"]`
+    aborts the connection. Under other servers it is absent and a close is all we can do.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            abort = getattr(transport, "abort", None)
+            if callable(abort):
+                scope[_ABORT_KEY] = abort
+        await self.app(scope, receive, send)
+
+
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Collection[str]) -> bool:
+    """May a WebSocket handshake with this `Origin` header proceed?
+
+    Browsers send Origin on every WebSocket handshake and let any page open one, so without
+    this check any web page a user visits could drive a server on their machine or network.
+    Allowed: no Origin (non-browser clients), the listed origins (``*`` = all), pages from
+    localhost, and same-origin pages (the Origin's host and port are the Host header's).
+    """
+    if origin is None or "*" in allowed:
+        return True
+    normalized = origin.strip().rstrip("/").lower()
+    if normalized in {a.strip().rstrip("/").lower() for a in allowed}:
+        return True
+    try:
+        parts = urlsplit(normalized)
+        hostname, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        if hostname is None or port is None:
+            return False  # "null" (sandboxed pages, files) or not a URL
+        if hostname in _LOCAL_HOSTS or hostname.endswith(".localhost"):
+            return True
+        if not host:
+            return False
+        served = urlsplit("//" + host.strip().lower())
+        return served.hostname == hostname and (served.port or _DEFAULT_PORTS[parts.scheme]) == port
+    except (ValueError, KeyError):  # a malformed port or scheme
+        return False
+
+
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"]*)=([^&\s\"]*)")
+
+
+def _redact(text: str) -> str:
+    def hide(m: re.Match[str]) -> str:
+        if unquote_plus(m.group(2)).strip().lower() == "token":
+            return f"{m.group(1)}{m.group(2)}=***"
+        return m.group(0)
+
+    return _QUERY_PARAM.sub(hide, text) if "=" in text else text
+
+
+class RedactTokens(logging.Filter):
+    """Hides ``?token=KEY`` (the WebSocket auth of browsers) in uvicorn's request logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add RedactTokens to the loggers that write request lines (idempotent). A filter on the
+    logger survives uvicorn's logging config, which replaces handlers but keeps filters."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
+# ---- serving ----------------------------------------------------------------------------------
+
+
+def uvicorn_config(
+    app: ASGIApp, settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000, **kw: Any
+) -> uvicorn.Config:
+    """The uvicorn configuration this server is meant to run with (tests use it too)."""
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings), host=host, port=port, ws="websockets-sansio", log_level=log_level,
-        # Above the protocol's 256 KiB message limit, so oversize messages get a precise
-        # message_too_large error instead of a 1009 close from the transport.
-        ws_max_size=4 * 1024 * 1024, ws_ping_interval=20.0, ws_ping_timeout=20.0,
-    )  # fmt: skip
+    options: dict[str, Any] = dict(ws_ping_interval=20.0, ws_ping_timeout=20.0, log_level="info") | kw
+    config = uvicorn.Config(
+        app, host=host, port=port, ws="websockets-sansio", ws_max_size=settings.ws_max_size, **options
+    )
+    install_log_redaction()  # after the Config, which applies uvicorn's logging setup
+    return config
+
+
+def run(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Serve until interrupted. Returns 1 when the model could not be loaded (the server then
+    stops at once instead of serving a /health of 500), else 0."""
+    import uvicorn
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings, host=host, port=port, log_level=log_level))
+    holder: EngineHolder = app.state.holder
+
+    def stop() -> None:
+        server.should_exit = True
+
+    holder.on_failure = stop
+    server.run()
+    return 1 if holder.error is not None else 0
 
 
 def _json(obj: Any) -> str:

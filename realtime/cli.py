@@ -30,6 +30,22 @@ def _serve(argv: list[str]) -> int:
         default=os.environ.get("TTS_VOICES_DB", str(_data_dir() / "voices.sqlite")),
         help="SQLite store of cloned voices (Base models; env TTS_VOICES_DB)",
     )
+    p.add_argument(
+        "--write-timeout",
+        type=_positive_float,
+        default=P.DEFAULT_WRITE_TIMEOUT,
+        help="seconds one send to a WebSocket client may take before its session is closed (4013) "
+        f"and its streams cancelled (default {P.DEFAULT_WRITE_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (e.g. https://app.example.com) allowed to open WebSocket sessions, besides "
+        "same-origin and localhost pages; repeatable; '*' allows any. Clients that send no Origin "
+        "header (non-browser) are always allowed",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     from realtime.app import ServerSettings, run
@@ -40,9 +56,17 @@ def _serve(argv: list[str]) -> int:
     settings = ServerSettings(
         model=args.model, device=args.device, api_key=args.api_key, max_sessions=args.max_sessions,
         max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts), voices_db=args.voices_db,
+        write_timeout=args.write_timeout, allowed_origins=tuple(args.allow_origin),
     )  # fmt: skip
-    run(settings, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    # Non-zero when the model could not be loaded: the error was logged in one line.
+    return run(settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _data_dir() -> Path:

@@ -13,7 +13,11 @@ outgoing queue drained by a single writer task, which is what makes the ordering
 
 A slow client makes the writer wait on the socket; the bounded queue then blocks the pumps,
 the engine's per-stream queues fill and those streams sit out steps: backpressure reaches the
-model without affecting other sessions.
+model without affecting other sessions. A client that stops reading altogether would hold its
+streams forever that way, so every send has a deadline (`write_timeout`): a send that cannot
+complete in time ends the session (close 4013) and cancels its streams. Nothing else buffers
+output: the queue is the session's only send buffer, and the transport's own buffer is bounded
+by its flow control (a send waits while it is full).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from engine.prompt import PromptError
 from engine.sampling import SamplingError
 from engine.sampling import SamplingParams as EngineSampling
 from engine.scheduler import Engine, EngineError, OverloadedError, VoiceError
-from engine.stream import AudioChunk, Marker, State, Stream, StreamError
+from engine.stream import AudioChunk, InvalidTextError, Marker, State, Stream, StreamError
 from realtime import protocol as P
 from realtime.audio import AudioEncoder
 
@@ -52,6 +56,12 @@ GARBAGE = frozenset(
     }
 )
 FINISHED_IDS_KEPT = 4096  # ids of finished contexts remembered to refuse reuse
+DEFAULT_WRITE_TIMEOUT = P.DEFAULT_WRITE_TIMEOUT  # seconds one send may take before the session ends
+
+
+class ClientGone(Exception):
+    """Raised by the send callbacks when the socket is already closed (the client left): the
+    writer stops quietly, as for a normal disconnect."""
 
 
 @dataclass
@@ -104,8 +114,12 @@ class Session:
         voices: list[str] | None = None,
         resolve_alias: Callable[[str], str] | None = None,
         out_queue_size: int = 256,
+        out_queue_bytes: int = 4 * 1024 * 1024,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         on_event: Callable[[str, Any], None] | None = None,
     ):
+        if not write_timeout > 0:
+            raise ValueError(f"write_timeout must be positive, got {write_timeout!r}")
         self.engine = engine
         self.id = "s_" + secrets.token_hex(8)
         self.limits = limits
@@ -121,9 +135,18 @@ class Session:
         self.contexts: dict[str, Context] = {}
         self._finished_ids: dict[str, None] = {}
         self._stream_numbers = itertools.count()
+        # The session's send buffer, bounded in items and in audio bytes (a client may ask for
+        # 64-frame chunks of 48 kHz float: 1 MB each).
         self._out: asyncio.Queue[_Out | None] = asyncio.Queue(maxsize=out_queue_size)
+        self._out_bytes, self._max_out_bytes = 0, out_queue_bytes
+        self._out_room = asyncio.Event()
+        self._out_room.set()
         self._errors_in_a_row = 0
         self._closing = False
+        self.write_timeout = write_timeout
+        self._writer_gone = False  # the writer stopped: nothing queued will be sent any more
+        # Why the writer stopped early: the client left, or it stopped reading (write timeout).
+        self.ended_by: Literal["client_gone", "write_timeout"] | None = None
         self.close_code: int | None = None
         self._on_event = on_event or (lambda name, value: None)
 
@@ -156,10 +179,11 @@ class Session:
         return not self._closing
 
     async def disconnect(self) -> None:
-        """The socket is gone: cancel everything at once (PROTOCOL.md: a drop cancels)."""
+        """The socket is gone: cancel everything at once (PROTOCOL.md: a drop cancels).
+        Idempotent; every engine stream of the session is released when it returns."""
         self._closing = True
         for ctx in list(self.contexts.values()):
-            ctx.stream.cancel()
+            ctx.stream.close()
             ctx.state = "cancelled"
         for ctx in list(self.contexts.values()):
             if ctx.pump is not None:
@@ -169,7 +193,7 @@ class Session:
 
     async def finish(self) -> None:
         """Close the writer after everything queued was sent."""
-        await self._out.put(None)
+        await self._put(None)
 
     async def fatal(self, code: P.ErrorCode, message: str, close: int) -> None:
         self._closing = True
@@ -196,8 +220,14 @@ class Session:
             if ctx is None:
                 ctx = await self._open(msg.context_id, self.config, msg.event_id)
             self._check_writable(ctx, msg.event_id)
-            ctx.text_bytes = P.check_text_budget(ctx.text_bytes, msg, self.limits)
-            ctx.stream.push_text(msg.text)
+            text_bytes = P.check_text_budget(ctx.text_bytes, msg, self.limits)
+            try:
+                ctx.stream.push_text(msg.text)
+            except InvalidTextError:  # the parser refuses such text first; this is a backstop
+                raise P.ProtocolError(
+                    P.ErrorCode.INVALID_MESSAGE, "text is not valid Unicode", msg.event_id, ctx.id
+                ) from None
+            ctx.text_bytes = text_bytes
         elif isinstance(msg, P.TextFlush):
             ctx = self._existing(msg.context_id, msg.event_id)
             self._check_writable(ctx, msg.event_id)
@@ -226,7 +256,8 @@ class Session:
             await asyncio.gather(
                 *(c.pump for c in list(self.contexts.values()) if c.pump), return_exceptions=True
             )
-            self.close_code = P.CLOSE_NORMAL
+            if self.close_code is None:  # the writer may have ended the session meanwhile
+                self.close_code = P.CLOSE_NORMAL
 
     def _existing(self, context_id: str, event_id: P.EventId) -> Context:
         ctx = self.contexts.get(context_id)
@@ -295,6 +326,8 @@ class Session:
             )  # fmt: skip
         self._check_config(cfg, event_id, context_id)
         lang = (cfg.language or "auto").strip().lower()
+        out = cfg.output
+        encoder = AudioEncoder(out.encoding, out.sample_rate, input_rate=self.engine.sample_rate)
         s = cfg.sampling
         try:
             sampling = EngineSampling.from_generation_config(self.engine.checkpoint.generation).with_overrides(
@@ -308,6 +341,7 @@ class Session:
                 sampling=sampling,
                 chunk_schedule=cfg.chunk_schedule,
                 idle_flush_ms=cfg.text.idle_flush_ms or None,
+                owner=self.id,  # the engine shares its rows fairly between sessions
             )
         except SamplingError as e:
             raise P.ProtocolError(P.ErrorCode.INVALID_SAMPLING, str(e), event_id, context_id) from None
@@ -319,10 +353,10 @@ class Session:
             raise P.ProtocolError(P.ErrorCode.OVERLOADED, str(e), event_id, context_id) from None
         except EngineError as e:
             raise P.ProtocolError(P.ErrorCode.INVALID_MESSAGE, str(e), event_id, context_id) from None
-        out = cfg.output
+        # Registered at once: from here on disconnect() releases the stream on every path.
         ctx = Context(
-            id=context_id, stream_no=next(self._stream_numbers) % 65536, stream=stream,
-            encoder=AudioEncoder(out.encoding, out.sample_rate, input_rate=self.engine.sample_rate), config=cfg,
+            id=context_id, stream_no=next(self._stream_numbers) % 65536, stream=stream, encoder=encoder,
+            config=cfg,
         )  # fmt: skip
         self.contexts[context_id] = ctx
         started = P.ContextStarted(
@@ -380,13 +414,52 @@ class Session:
         if chunk.last_in_utterance and not chunk.last:
             await self._put(_Out("flushed", ctx=ctx))
 
-    async def _put(self, item: _Out) -> None:
+    async def _put(self, item: _Out | None) -> None:
+        if item is not None and item.payload:
+            while self._out_bytes >= self._max_out_bytes and not self._writer_gone:
+                self._out_room.clear()
+                await self._out_room.wait()
+            if not self._writer_gone:
+                self._out_bytes += len(item.payload)
+        if self._writer_gone:
+            return  # nobody will send it: the session is ending
         await self._out.put(item)
 
+    async def _get(self) -> _Out | None:
+        item = await self._out.get()
+        if item is not None and item.payload:
+            self._out_bytes -= len(item.payload)
+            if self._out_bytes < self._max_out_bytes:
+                self._out_room.set()
+        return item
+
+    async def _send(self, send: Callable[[Any], Awaitable[None]], data: str | bytes) -> None:
+        """One send with the write deadline (asyncio.TimeoutError past it)."""
+        await asyncio.wait_for(send(data), self.write_timeout)
+
     async def _writer(self) -> None:
-        """The only coroutine that sends: renders events in queue order."""
+        """The only coroutine that sends. Returns when the session is over, the client left,
+        or a send missed its deadline (then `ended_by` says which)."""
+        try:
+            await self._write_queued()
+        except ClientGone:
+            self.ended_by = "client_gone"
+            self._stop_streams()
+        except asyncio.TimeoutError:
+            self.ended_by = "write_timeout"
+            self.close_code = P.CLOSE_WRITE_TIMEOUT
+            self._stop_streams()
+        finally:
+            # Unblock every producer waiting for room in the queue; later puts are dropped.
+            self._writer_gone = True
+            self._out_room.set()
+            while not self._out.empty():
+                self._out.get_nowait()
+
+    async def _write_queued(self) -> None:
+        """Render and send queued items in order."""
         while True:
-            item = await self._out.get()
+            item = await self._get()
             if item is None:
                 return
             ctx = item.ctx
@@ -394,22 +467,22 @@ class Session:
                 assert ctx is not None
                 if ctx.state == "cancelled":
                     continue  # dropped: the client asked for silence
-                await self._send_bytes(item.payload)
+                await self._send(self._send_bytes, item.payload)
                 ctx.sent_samples += item.samples
                 self._on_event("audio_bytes", len(item.payload))
                 continue
             if ctx is not None and ctx.state == "cancelled" and item.kind in ("mark", "flushed", "done"):
                 continue
             if item.kind == "json" or item.kind == "fatal":
-                await self._send_text(item.text)
+                await self._send(self._send_text, item.text)
             elif item.kind == "mark":
                 assert ctx is not None
-                await self._send_text(
-                    P.MarkEvent(context_id=ctx.id, name=item.text, audio_ms=ctx.sent_ms).to_json()
-                )
+                mark = P.MarkEvent(context_id=ctx.id, name=item.text, audio_ms=ctx.sent_ms)
+                await self._send(self._send_text, mark.to_json())
             elif item.kind == "flushed":
                 assert ctx is not None
-                await self._send_text(P.ContextFlushed(context_id=ctx.id, audio_ms=ctx.sent_ms).to_json())
+                flushed = P.ContextFlushed(context_id=ctx.id, audio_ms=ctx.sent_ms)
+                await self._send(self._send_text, flushed.to_json())
             elif item.kind == "done":
                 assert ctx is not None
                 ctx.state = "done"
@@ -417,21 +490,29 @@ class Session:
                 metrics = P.ContextMetrics(
                     first_text_to_first_audio_ms=m.first_text_to_first_audio_ms, audio_ms=ctx.sent_ms,
                     generate_ms=m.generate_ms, frames=m.frames, stall_ms=m.stall_ms, utterances=m.utterances,
+                    truncated=m.truncated,
                 )  # fmt: skip
-                await self._send_text(
-                    P.ContextDone(context_id=ctx.id, audio_ms=ctx.sent_ms, metrics=metrics).to_json()
-                )
+                done = P.ContextDone(context_id=ctx.id, audio_ms=ctx.sent_ms, metrics=metrics)
+                await self._send(self._send_text, done.to_json())
                 self._retire(ctx)
                 if m.first_text_to_first_audio_ms is not None:
                     self._on_event("first_audio_ms", m.first_text_to_first_audio_ms)
             elif item.kind == "cancelled":
                 assert ctx is not None
-                await self._send_text(P.ContextCancelled(context_id=ctx.id, audio_ms=ctx.sent_ms).to_json())
+                cancelled = P.ContextCancelled(context_id=ctx.id, audio_ms=ctx.sent_ms)
+                await self._send(self._send_text, cancelled.to_json())
                 self._retire(ctx)
             if item.kind == "fatal":
                 if ctx is not None:
                     self._retire(ctx)
                 return
+
+    def _stop_streams(self) -> None:
+        """Nobody can receive this session's audio any more: stop generating it now, not when
+        the socket handler gets to disconnect() (it may be waiting for the pumps to finish)."""
+        self._closing = True
+        for ctx in list(self.contexts.values()):
+            ctx.stream.close()
 
     def _retire(self, ctx: Context) -> None:
         if self.contexts.get(ctx.id) is ctx:
