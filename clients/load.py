@@ -9,6 +9,10 @@ different speeds), ends the context and checks what came back:
   equals ``frames * 1920`` scaled to the output rate (at 24 kHz exactly; resampled rates may
   differ by one sample per utterance from rounding) and matches ``context.done``'s ``audio_ms``.
 
+With ``--exact`` (and always in ``--chaos`` mode, see :mod:`clients.chaos`) sessions decode
+greedily and every context's audio must also equal, sample for sample, what its text gives when
+synthesized alone (:func:`record_references`, :class:`References`).
+
 It reports first-audio latency measured at the client (first word sent -> first audio frame
 received) and as the server measured it, the server's real-time factor per context, playback
 underruns a client would have heard (a chunk arriving after the audio before it finished
@@ -30,9 +34,21 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from clients.client import AudioChunk, ClientError, ContextResult, ErrorEvent, TTSClient
+import numpy as np
+
+from clients.client import (
+    AudioChunk,
+    ClientError,
+    ConnectionLost,
+    ContextResult,
+    ErrorEvent,
+    FloatArray,
+    ServerError,
+    TTSClient,
+)
+from realtime.audio import decode_pcm
 from realtime.protocol import CODEC_FRAME_MS, NATIVE_SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -90,6 +106,50 @@ def underruns(chunks: Sequence[AudioChunk]) -> tuple[int, float]:
     return count, worst
 
 
+# Largest per-sample difference between two decodes of the same codes. The streaming codec
+# decodes the streams of a step together and float rounding depends on the batch's size and
+# order (measured below 3e-6 on CPU, i.e. +-1 LSB of s16), while one different code moves
+# samples by ~0.1 or more; 1e-3 (-60 dBFS) separates the two with room for larger models.
+AUDIO_NOISE: Final = 1e-3
+# Session settings of sessions whose audio is compared: greedy decoding (no randomness), and no
+# idle flush, which fires when text pauses and so would make the utterances depend on timing.
+EXACT_CONFIG: Final[dict[str, Any]] = {"temperature": 0.0, "idle_flush_ms": 0}
+
+
+def exact_tolerance(encoding: str) -> float:
+    """How far a received sample may be from the reference's: the codec's rounding noise plus
+    one quantization step of the encoding (that noise can tip a sample over a step)."""
+    if encoding == "pcm_f32le":
+        step = 0.0
+    elif encoding == "pcm_s16le":
+        step = 1 / 32768
+    else:  # 8-bit companded: the largest step between adjacent decoded levels
+        levels = np.sort(decode_pcm(bytes(range(256)), encoding))
+        step = float(np.diff(levels).max())
+    return AUDIO_NOISE + step
+
+
+def compare_audio(got: FloatArray, ref: FloatArray, sample_rate: int, tolerance: float) -> str | None:
+    """None when ``got`` equals ``ref`` sample for sample (within ``tolerance``), else how not."""
+    per_frame = SAMPLES_PER_FRAME * sample_rate / NATIVE_SAMPLE_RATE
+    if len(got) != len(ref):
+        return (
+            f"has {len(got)} samples ({len(got) / per_frame:.1f} frames) where the solo run has "
+            f"{len(ref)} ({len(ref) / per_frame:.1f})"
+        )
+    if not len(got):
+        return None
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    worst = float(diff.max())
+    if worst <= tolerance:
+        return None
+    first = int(np.argmax(diff > tolerance))
+    return (
+        f"differs from the solo run from sample {first} (frame {int(first // per_frame)}): "
+        f"max |diff| {worst:.3g} > {tolerance:.3g}"
+    )
+
+
 @dataclass
 class ContextReport:
     """What one context (one turn of one session) did, and whether it was right."""
@@ -115,6 +175,67 @@ class ContextReport:
     total_ms: float | None = None  # first word sent -> context.done received
     underruns: int = 0
     max_gap_ms: float = 0.0
+    text: str = ""
+    exact: bool | None = None  # audio equal to the text's solo run (None: not compared)
+    bit_identical: bool | None = None  # ... and not even one quantization step apart
+    error_codes: list[str] = field(default_factory=list)  # of `error` events, fatal or not
+    close_code: int | None = None  # when the connection closed under the context
+
+    @property
+    def internal_error(self) -> bool:
+        """The server failed (not the client): an ``internal`` error or a 1011 close."""
+        return "internal" in self.error_codes or self.close_code == 1011
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What one text gives synthesized alone: the audio every session speaking it must get."""
+
+    text: str
+    audio: FloatArray
+    sample_rate: int
+    encoding: str
+    frames: int
+    utterances: int
+
+
+@dataclass
+class References:
+    """The reference audio of each text, the texts that cannot be references on this server
+    (and why), and the session settings they were recorded with (:data:`EXACT_CONFIG` at least),
+    which compared sessions must use too."""
+
+    by_text: dict[str, Reference]
+    excluded: dict[str, str] = field(default_factory=dict)
+    session_config: dict[str, Any] = field(default_factory=lambda: dict(EXACT_CONFIG))
+
+    def check(self, report: ContextReport, result: ContextResult) -> None:
+        """Compare a context's audio with its text's reference; a difference fails the report."""
+        ref = self.by_text.get(report.text)
+        if ref is None:
+            return
+        encoding = result.chunks[0].encoding if result.chunks else ref.encoding
+        if result.sample_rate != ref.sample_rate or encoding != ref.encoding:
+            problem: str | None = (
+                f"is {encoding} at {result.sample_rate} Hz, the solo run {ref.encoding} at {ref.sample_rate} Hz"
+            )
+        else:
+            problem = compare_audio(result.audio, ref.audio, ref.sample_rate, exact_tolerance(encoding))
+        report.exact = problem is None
+        report.bit_identical = report.exact and np.array_equal(result.audio, ref.audio)
+        if problem is not None:
+            report.problems.append(f"audio {problem}")
+            report.ok = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "texts": [
+                {"text": r.text, "samples": len(r.audio), "frames": r.frames, "utterances": r.utterances}
+                for r in self.by_text.values()
+            ],
+            "excluded": [{"text": t, "why": why} for t, why in self.excluded.items()],
+            "session_config": self.session_config,
+        }
 
 
 @dataclass
@@ -125,10 +246,20 @@ class LoadReport:
     rate_wps: float
     wall_s: float
     contexts: list[ContextReport]
+    references: References | None = None
 
     @property
     def failed(self) -> list[ContextReport]:
         return [c for c in self.contexts if not c.ok]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    @property
+    def compared(self) -> list[ContextReport]:
+        """The contexts whose audio was compared with a solo run."""
+        return [c for c in self.contexts if c.exact is not None]
 
     def summary(self) -> dict[str, Any]:
         def stats(values: list[float]) -> dict[str, float | None]:
@@ -156,11 +287,20 @@ class LoadReport:
             "rtf": stats([c.rtf for c in ok if c.rtf is not None]),
             "underruns": sum(c.underruns for c in ok),
             "max_gap_ms": max((c.max_gap_ms for c in ok), default=0.0),
+            "exact": None if self.references is None else {
+                "compared": len(self.compared), "exact": sum(bool(c.exact) for c in self.compared),
+                "bit_identical": sum(bool(c.bit_identical) for c in self.compared),
+                "excluded_texts": len(self.references.excluded),
+            },
+            "internal_errors": sum(c.internal_error for c in self.contexts),
             "errors": [f"session {c.session} {c.context_id}: {p}" for c in self.contexts for p in c.problems],
         }  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "contexts": [dataclasses.asdict(c) for c in self.contexts]}
+        out = {"summary": self.summary(), "contexts": [dataclasses.asdict(c) for c in self.contexts]}
+        if self.references is not None:
+            out["references"] = self.references.to_dict()
+        return out
 
     def format(self) -> str:
         s = self.summary()
@@ -183,6 +323,16 @@ class LoadReport:
             f"rtf per context:          p50 {rtf(r, 'p50')}  p95 {rtf(r, 'p95')}  max {rtf(r, 'max')}",
             f"playback underruns: {s['underruns']} (largest gap {s['max_gap_ms']:.0f} ms)",
         ]  # fmt: skip
+        if s["exact"] is not None:
+            e = s["exact"]
+            lines.append(
+                f"audio equal to the text's solo run: {e['exact']}/{e['compared']} contexts "
+                f"({e['bit_identical']} bit-identical)"
+            )
+            assert self.references is not None
+            lines += [
+                f"  not a reference text: {t[:40]!r}...: {why}" for t, why in self.references.excluded.items()
+            ]
         if s["errors"]:
             lines.append(f"errors ({len(s['errors'])}):")
             lines += [f"  {e}" for e in s["errors"][:20]]
@@ -199,7 +349,9 @@ def check_context(report: ContextReport, result: ContextResult) -> None:
     report.client_first_audio_ms = result.first_audio_ms
     report.underruns, report.max_gap_ms = underruns(result.chunks)
     report.problems += result.violations
-    report.problems += [f"error {e.code}: {e.message}" for e in result.events if isinstance(e, ErrorEvent)]
+    errors = [e for e in result.events if isinstance(e, ErrorEvent)]
+    report.problems += [f"error {e.code}: {e.message}" for e in errors]
+    report.error_codes += [e.code for e in errors]
     done = result.done
     if done is None:
         report.problems.append("no context.done")
@@ -257,31 +409,41 @@ async def speak(
     return await collector, text_s
 
 
+def _record_failure(report: ContextReport, e: BaseException, where: str = "") -> None:
+    report.ok = False
+    report.problems.append(f"{where}{type(e).__name__}: {e}")
+    if isinstance(e, ServerError):
+        report.error_codes.append(e.code)
+    elif isinstance(e, ConnectionLost):
+        report.close_code = e.code
+
+
 async def _session(
     index: int, url: str, texts: Sequence[str], rates: Sequence[float], *, api_key: str | None, start_delay: float,
-    timeout: float, session_config: dict[str, Any],
+    timeout: float, session_config: dict[str, Any], references: References | None = None,
 ) -> list[ContextReport]:  # fmt: skip
     await asyncio.sleep(start_delay)
     reports: list[ContextReport] = []
     try:
         async with TTSClient.connect(url, api_key, **session_config) as client:
             for turn, (text, rate) in enumerate(zip(texts, rates, strict=True)):
-                report = ContextReport(index, f"turn-{turn}", len(split_words(text)), rate)
+                report = ContextReport(index, f"turn-{turn}", len(split_words(text)), rate, text=text)
                 reports.append(report)
                 try:
                     result, text_s = await asyncio.wait_for(speak(client, text, rate), timeout)
                 except (ClientError, TimeoutError) as e:
-                    report.problems.append(f"{type(e).__name__}: {e}")
+                    _record_failure(report, e)
                     return reports
                 report.context_id = result.context_id
                 report.text_ms = text_s * 1000.0
                 check_context(report, result)
+                if references is not None:
+                    references.check(report, result)
     except (ClientError, OSError) as e:
         report = reports[-1] if reports else ContextReport(index, "-", 0, 0.0)
         if not reports:
             reports.append(report)
-        report.ok = False
-        report.problems.append(f"session: {type(e).__name__}: {e}")
+        _record_failure(report, e, "session: ")
     return reports
 
 
@@ -297,6 +459,7 @@ async def run_load(
     api_key: str | None = None,
     seed: int = 0,
     timeout: float = 300.0,
+    references: References | None = None,
     **session_config: Any,
 ) -> LoadReport:
     """Run ``sessions`` concurrent sessions of ``turns`` contexts each and check every context.
@@ -304,7 +467,16 @@ async def run_load(
     Session i starts at ``i * ramp_s / sessions`` (0 = all at once, a burst) and speaks at
     ``rate_wps * uniform(1 - rate_spread, 1 + rate_spread)`` words/s; texts are drawn from
     ``texts``. Everything random comes from ``seed``, so runs are comparable.
+
+    With ``references`` (from :func:`record_references`), texts are drawn from its reference
+    texts only, sessions use its settings (greedy), and every context's audio must equal its
+    text's solo run.
     """
+    if references is not None:
+        texts = [t for t in texts if t in references.by_text]
+        if not texts:
+            raise ValueError("none of the texts has a reference")
+        session_config = {**session_config, **references.session_config}
     rng = random.Random(seed)
     plans = []
     for i in range(sessions):
@@ -315,12 +487,102 @@ async def run_load(
     results = await asyncio.gather(
         *(
             _session(i, url, chosen, rates, api_key=api_key, start_delay=delay, timeout=timeout,
-                     session_config=session_config)
+                     session_config=session_config, references=references)
             for i, chosen, rates, delay in plans
         )
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    return LoadReport(url, sessions, turns, rate_wps, wall, [r for rs in results for r in rs])
+    return LoadReport(
+        url, sessions, turns, rate_wps, wall, [r for rs in results for r in rs], references=references
+    )
+
+
+async def speak_alone(
+    url: str, text: str, rate_wps: float | None, *, api_key: str | None = None, timeout: float = 300.0,
+    **session_config: Any,
+) -> ContextResult:  # fmt: skip
+    """``text`` in a session of its own: word by word at ``rate_wps``, or in one message (None)."""
+
+    async def run() -> ContextResult:
+        async with TTSClient.connect(url, api_key, **session_config) as client:
+            if rate_wps is not None:
+                return (await speak(client, text, rate_wps))[0]
+            ctx = client.context()
+            collector = asyncio.create_task(ctx.collect())
+            try:
+                await ctx.append(text)
+                await ctx.end()
+            except BaseException:
+                collector.cancel()
+                raise
+            return await collector
+
+    result = await asyncio.wait_for(run(), timeout)
+    if result.done is None:
+        raise ClientError(f"{text[:40]!r}: the context did not complete")
+    return result
+
+
+async def record_references(
+    url: str,
+    texts: Sequence[str],
+    *,
+    rate_wps: float = 8.0,
+    rate_spread: float = 0.5,
+    copies: int = 4,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+    **session_config: Any,
+) -> References:
+    """Record what each text gives alone, and keep only texts whose audio is a property of the
+    text: the same however its words arrive and whatever it is batched with.
+
+    Each distinct text is synthesized alone, sent whole: that is its reference. Then, still
+    alone, it is streamed word by word at the slowest rate sessions use (``rate_wps * (1 -
+    rate_spread)``), where generation is furthest ahead of the text; then ``copies`` copies of
+    every text are streamed at once at rates spread over ``rate_wps * (1 +- rate_spread)``. A
+    text whose runs differ from its reference cannot be a reference on this model and is left
+    out, with the reason: nothing measured later could explain the difference. Two causes are
+    known: the model ends an utterance by itself (EOS) before its text is over, so how much text
+    had arrived by then decides what follows (timing); and a greedy near-tie between two codes
+    that the float rounding of a batch decides either way (batching).
+
+    Raises :class:`ClientError` (or ``TimeoutError``) when a run fails: nothing can be compared then.
+    """
+    config = {**session_config, **EXACT_CONFIG}
+
+    async def alone(text: str, rate: float | None) -> ContextResult:
+        return await speak_alone(url, text, rate, api_key=api_key, timeout=timeout, **config)
+
+    refs: dict[str, Reference] = {}
+    excluded: dict[str, str] = {}
+
+    def check(text: str, r: ContextResult, how: str) -> None:
+        ref = refs[text]
+        problem = compare_audio(r.audio, ref.audio, ref.sample_rate, exact_tolerance(ref.encoding))
+        if problem is not None and text not in excluded:
+            assert r.done is not None
+            excluded[text] = (
+                f"{how}, it {problem} [{r.done.metrics.utterances} utterance(s), {r.done.metrics.frames} "
+                f"frames; sent whole, alone: {ref.utterances}, {ref.frames}]"
+            )
+
+    slowest = rate_wps * (1 - rate_spread) if rate_spread < 1 else rate_wps
+    for text in dict.fromkeys(texts):  # distinct, in order; one at a time: alone in the engine
+        r = await alone(text, None)
+        assert r.done is not None
+        encoding = r.chunks[0].encoding if r.chunks else "pcm_s16le"
+        m = r.done.metrics
+        refs[text] = Reference(text, r.audio, r.sample_rate, encoding, m.frames, m.utterances)
+        check(text, await alone(text, slowest), f"streamed alone at {slowest:.1f} words/s (timing)")
+    rates = [rate_wps * (1 - rate_spread + 2 * rate_spread * k / max(1, copies - 1)) for k in range(copies)]
+    runs = [(text, rate) for text in refs if text not in excluded for rate in rates]
+    results = await asyncio.gather(*(alone(text, rate) for text, rate in runs))
+    for (text, rate), r in zip(runs, results, strict=True):
+        check(text, r, f"streamed at {rate:.1f} words/s beside {len(runs) - 1} other sessions (batching)")
+    return References(
+        {t: r for t, r in refs.items() if t not in excluded}, excluded, session_config=dict(EXACT_CONFIG)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -332,18 +594,20 @@ async def serve_in_process(
     api_key: str | None = None,
     max_sessions: int = 1024,
     device: str | None = "cpu",
+    write_timeout: float | None = None,
 ) -> AsyncIterator[str]:
     """Serve ``model`` (a spec such as ``random:tiny``, a directory, or an ``Engine``) on
     127.0.0.1, port 0, inside the running event loop; yields the WebSocket URL.
 
     ``max_frames`` caps each utterance (random weights rarely stop by themselves, and the random
-    specs default to 8191 frames). An engine passed in is left open for the caller.
+    specs default to 8191 frames). ``write_timeout``: seconds a send to a client may take
+    (None: the server's default). An engine passed in is left open for the caller.
     """
     import uvicorn
 
     from engine.checkpoint import load_checkpoint
     from engine.scheduler import Engine
-    from realtime.app import ServerSettings, create_app
+    from realtime import app as server_app
     from realtime.protocol import Limits
 
     engine: Engine
@@ -357,12 +621,21 @@ async def serve_in_process(
         name = model
     else:
         engine, name = model, model.checkpoint.name
-    settings = ServerSettings(model=name, api_key=api_key, max_sessions=max_sessions, limits=Limits())
+    options: dict[str, Any] = {
+        "model": name,
+        "api_key": api_key,
+        "max_sessions": max_sessions,
+        "limits": Limits(),
+    }
+    if write_timeout is not None:
+        options["write_timeout"] = write_timeout
+    settings = server_app.ServerSettings(**options)
+    app = server_app.create_app(settings, engine=engine)
+    # The app's lifespan would close the engine at shutdown (create_app takes ownership of it);
+    # the engine is already loaded, so the lifespan has nothing else to do.
     config = uvicorn.Config(
-        create_app(settings, engine=engine), host="127.0.0.1", port=0, ws="websockets-sansio",
-        # The app's lifespan would close the engine at shutdown (create_app takes ownership of
-        # it); the engine is already loaded, so the lifespan has nothing else to do.
-        ws_max_size=4 << 20, log_level="warning", lifespan="off",
+        app, host="127.0.0.1", port=0, ws="websockets-sansio", ws_max_size=settings.ws_max_size,
+        log_level="warning", lifespan="off",
     )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(), name="tts-server")
@@ -414,16 +687,66 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds texts and rates (default 0)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-context time limit in seconds")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report as JSON here")
+    p.add_argument(
+        "--exact", action="store_true",
+        help="decode greedily and require every context's audio to equal its text's solo run",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference-copies", type=int, default=4,
+        help="--exact/--chaos: copies of each text run together to check it is a usable reference (default 4)",
+    )  # fmt: skip
     server = p.add_argument_group("in-process server (--model)")
     server.add_argument("--max-streams", type=int, default=32, help="engine batch rows (default 32)")
     server.add_argument(
         "--max-frames", type=int, default=50, help="frame cap per utterance (default 50 = 4 s)"
     )
     server.add_argument("--device", default="cpu")
+    server.add_argument(
+        "--write-timeout", type=float, default=None,
+        help="seconds a send to a client may take (default: 2 with --chaos, else the server's default)",
+    )  # fmt: skip
+    chaos = p.add_argument_group("chaos (--chaos): misbehaving clients beside exact reference sessions")
+    chaos.add_argument("--chaos", action="store_true", help="run the chaos test (see clients/chaos.py)")
+    chaos.add_argument(
+        "--chaos-clients", type=int, default=None,
+        help="misbehaving clients (default: as many as --sessions); a --url server needs --max-sessions "
+        "well above sessions + chaos clients (serve's default is 64)",
+    )  # fmt: skip
+    from clients.chaos import KINDS  # here: clients.chaos imports this module
+
+    chaos.add_argument(
+        "--kinds", default=None, help=f"comma-separated misbehaviours (default: all: {', '.join(KINDS)})"
+    )
+    chaos.add_argument(
+        "--duration", type=float, default=0.0, help="soak: repeat chaos rounds for this many seconds"
+    )
+    chaos.add_argument("--rss-interval", type=float, default=5.0, help="seconds between RSS samples")
+    chaos.add_argument(
+        "--settle-timeout", type=float, default=30.0, help="seconds to wait for the server to free everything"
+    )
+    chaos.add_argument(
+        "--stall-seconds", type=float, default=60.0,
+        help="how long a client that never reads waits for the server to close it (default 60)",
+    )  # fmt: skip
+    chaos.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=10.0,
+        help="how long idle contexts are held at most (default 10)",
+    )
     return p
 
 
-async def _main(args: argparse.Namespace) -> LoadReport:
+class _Report(Protocol):
+    @property
+    def passed(self) -> bool: ...
+
+    def format(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+async def _main(args: argparse.Namespace) -> _Report:
     session_config = {
         "voice": args.voice, "language": args.language, "encoding": args.encoding, "sample_rate": args.sample_rate,
     }  # fmt: skip
@@ -433,24 +756,69 @@ async def _main(args: argparse.Namespace) -> LoadReport:
         texts=tuple(args.text or DEFAULT_TEXTS), ramp_s=args.ramp, api_key=args.api_key, seed=args.seed,
         timeout=args.timeout, **session_config,
     )  # fmt: skip
+    write_timeout = args.write_timeout
+    if write_timeout is None and args.chaos:
+        write_timeout = 2.0  # a client that never reads is dropped quickly
     if args.model:
         async with serve_in_process(
             args.model, max_streams=args.max_streams, max_frames=args.max_frames, api_key=args.api_key,
-            device=args.device,
+            device=args.device, write_timeout=write_timeout,
         ) as url:  # fmt: skip
-            return await run_load(url, **kw)
-    return await run_load(args.url or "ws://127.0.0.1:8000/v1/tts/stream", **kw)
+            return await _run(url, args, kw, in_process=True)
+    return await _run(args.url or "ws://127.0.0.1:8000/v1/tts/stream", args, kw, in_process=False)
+
+
+async def _run(url: str, args: argparse.Namespace, kw: dict[str, Any], *, in_process: bool) -> _Report:
+    if args.chaos:
+        from clients.chaos import KINDS, ChaosSettings, run_chaos
+
+        kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else tuple(KINDS)
+        settings = ChaosSettings(
+            clients=args.sessions if args.chaos_clients is None else args.chaos_clients, kinds=kinds,
+            stall_s=args.stall_seconds, hold_s=args.hold_seconds,
+        )  # fmt: skip
+        return await run_chaos(
+            url, chaos=settings, duration_s=args.duration, reference_copies=args.reference_copies,
+            settle_s=args.settle_timeout, in_process=in_process, rss_interval=args.rss_interval, **kw,
+        )  # fmt: skip
+    if args.exact:
+        session_config = {k: kw[k] for k in ("voice", "language", "encoding", "sample_rate") if k in kw}
+        kw["references"] = await record_references(
+            url, kw["texts"], rate_wps=args.rate, rate_spread=args.rate_spread, copies=args.reference_copies,
+            api_key=args.api_key, timeout=args.timeout, **session_config,
+        )  # fmt: skip
+    return await run_load(url, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the load test; exit status 0 only if every context completed with the right audio."""
+    """Run the load test (or the chaos test); exit status 0 only if every check passed."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.sessions < 1 or args.turns < 1 or args.rate <= 0:
         print("--sessions, --turns and --rate must be positive", file=sys.stderr)
         return 2
-    report = asyncio.run(_main(args))
+    if args.chaos:
+        from clients.chaos import KINDS, Target
+
+        unknown = set((args.kinds or "").split(",")) - set(KINDS) - {""}
+        if unknown:
+            print(f"unknown --kinds {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}", file=sys.stderr)
+            return 2
+        if args.chaos_clients is not None and args.chaos_clients < 0:
+            print("--chaos-clients must be >= 0", file=sys.stderr)
+            return 2
+        if args.url:
+            try:
+                Target.from_url(args.url)
+            except ValueError as e:
+                print(e, file=sys.stderr)
+                return 2
+    try:
+        report = asyncio.run(_main(args))
+    except (ClientError, TimeoutError, RuntimeError, ValueError) as e:
+        print(f"bench: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(report.format())
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
-    return 0 if not report.failed else 1
+    return 0 if report.passed else 1
