@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -49,6 +52,7 @@ STATIC = Path(__file__).parent / "static"
 # this get a precise, non-fatal message_too_large; only larger ones are closed by the transport
 # (1009), because reading them would mean buffering them.
 WS_MAX_SIZE = 16 * 1024 * 1024
+DEFAULT_SOCKET_SEND_BUFFER = 64 * 1024
 
 
 @dataclass
@@ -67,6 +71,14 @@ class ServerSettings:
     # ("*": any). Requests without an Origin header (non-browser clients) are always allowed.
     allowed_origins: tuple[str, ...] = ()
     ws_max_size: int = WS_MAX_SIZE
+    # Kernel send buffer of each WebSocket connection (bytes; None: the OS default). Linux
+    # autotunes it up to 4 MiB, ~90 s of 24 kHz audio: a client that stops reading would make
+    # the engine generate all of that before any send blocks and the write timeout can notice.
+    # 64 KiB still carries 48 kHz float audio over a 300 ms round trip.
+    socket_send_buffer: int | None = DEFAULT_SOCKET_SEND_BUFFER
+    # Runaway bound of one utterance (Engine): base + per_token x text tokens, in codec frames.
+    budget_frames_per_token: float | None = 12.0
+    budget_base_frames: int = 50
 
 
 class EngineHolder:
@@ -87,6 +99,8 @@ class EngineHolder:
                 device=settings.device,
                 max_streams=settings.max_streams,
                 voices_db=settings.voices_db,
+                budget_frames_per_token=settings.budget_frames_per_token,
+                budget_base_frames=settings.budget_base_frames,
             )
         )
         self._thread: threading.Thread | None = None
@@ -303,7 +317,7 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
 
     install_log_redaction()
     app = Starlette(
-        middleware=[Middleware(TransportAccess)],
+        middleware=[Middleware(TransportAccess, send_buffer=settings.socket_send_buffer)],
         routes=[
             Route("/", index),
             Route("/health", health),
@@ -421,24 +435,41 @@ _ABORT_KEY = "realtime.abort"
 
 
 class TransportAccess:
-    """ASGI middleware: gives WebSocket handlers a way to drop the TCP connection.
+    """ASGI middleware: gives WebSocket handlers a way to drop the TCP connection, and caps the
+    connection's kernel send buffer.
 
     ASGI can only close a WebSocket politely, and a polite close waits until the peer reads
     what is buffered, which a dead reader never does. uvicorn's protocol objects expose their
     transport, and uvicorn hands the app their bound `send`: from that, `scope["realtime.abort"]`
-    aborts the connection. Under other servers it is absent and a close is all we can do.
+    resets the connection. Under other servers it is absent and a close is all we can do.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, send_buffer: int | None = None) -> None:
         self.app = app
+        self.send_buffer = send_buffer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             transport = getattr(getattr(send, "__self__", None), "transport", None)
-            abort = getattr(transport, "abort", None)
-            if callable(abort):
-                scope[_ABORT_KEY] = abort
+            if transport is not None and callable(getattr(transport, "abort", None)):
+                if self.send_buffer:
+                    _set_socket_option(transport, socket.SO_SNDBUF, self.send_buffer)
+                scope[_ABORT_KEY] = functools.partial(_reset, transport)
         await self.app(scope, receive, send)
+
+
+def _set_socket_option(transport: Any, option: int, value: int | bytes) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
+def _reset(transport: Any) -> None:
+    """Drop the connection with a TCP reset: with a plain close the kernel keeps the unread
+    data and retries it for minutes (FIN-WAIT-1) on behalf of a client that is not reading."""
+    _set_socket_option(transport, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -46,6 +46,24 @@ def _serve(argv: list[str]) -> int:
         "same-origin and localhost pages; repeatable; '*' allows any. Clients that send no Origin "
         "header (non-browser) are always allowed",
     )
+    p.add_argument(
+        "--socket-send-buffer",
+        type=int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="kernel send buffer per WebSocket connection (default 65536; 0: the OS default, which "
+        "grows to MiBs and lets a client that stops reading make the engine generate minutes of audio)",
+    )
+    p.add_argument(
+        "--frame-budget",
+        type=float,
+        nargs=2,
+        default=(12.0, 50),
+        metavar=("PER_TOKEN", "BASE"),
+        help="runaway bound of one utterance in 80 ms codec frames: BASE + PER_TOKEN x its text tokens "
+        "(default 12 50); a model that never emits end-of-audio is stopped there (truncated in "
+        "context.done). PER_TOKEN 0 disables it",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     from realtime.app import ServerSettings, run
@@ -57,6 +75,8 @@ def _serve(argv: list[str]) -> int:
         model=args.model, device=args.device, api_key=args.api_key, max_sessions=args.max_sessions,
         max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts), voices_db=args.voices_db,
         write_timeout=args.write_timeout, allowed_origins=tuple(args.allow_origin),
+        socket_send_buffer=args.socket_send_buffer or None,
+        budget_frames_per_token=args.frame_budget[0] or None, budget_base_frames=int(args.frame_budget[1]),
     )  # fmt: skip
     # Non-zero when the model could not be loaded: the error was logged in one line.
     return run(settings, host=args.host, port=args.port, log_level=args.log_level)

@@ -114,7 +114,7 @@ class Session:
         voices: list[str] | None = None,
         resolve_alias: Callable[[str], str] | None = None,
         out_queue_size: int = 256,
-        out_queue_bytes: int = 4 * 1024 * 1024,
+        out_queue_bytes: int = 1024 * 1024,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         on_event: Callable[[str, Any], None] | None = None,
     ):

@@ -28,7 +28,7 @@ from test_server import TEXT, Server, check_stream_frames, connect, recv_until, 
 
 from engine.scheduler import Engine
 from realtime import cli
-from realtime.app import ServerSettings, create_app, origin_allowed, uvicorn_config
+from realtime.app import EngineHolder, ServerSettings, create_app, origin_allowed, uvicorn_config
 from realtime.protocol import CLOSE_WRITE_TIMEOUT, Limits
 from realtime.session import Session
 
@@ -317,6 +317,35 @@ async def test_dead_reader_is_dropped_and_others_keep_their_audio(server: Server
     dead.close()
 
 
+async def test_connections_have_a_small_send_buffer_and_dead_readers_are_reset(server: Server) -> None:
+    """The kernel would buffer up to 4 MiB (~90 s of audio) for a client that does not read, all
+    of it generated before a send blocks: each WebSocket connection's send buffer is capped.
+    A dead reader is then dropped with a TCP reset, not a close whose unsent data the kernel
+    keeps retrying for minutes."""
+    settings = ServerSettings(model="tiny-test", write_timeout=WRITE_TIMEOUT, api_key=API_KEY)
+    assert settings.socket_send_buffer == 64 * 1024
+    srv, thread, port = _serve(settings, server.engine)
+    try:
+        dead = raw_connect(port)
+        conns = [c for c in srv.server_state.connections if getattr(c, "transport", None) is not None]
+        sizes = {
+            c.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            for c in conns
+        }
+        assert sizes == {2 * settings.socket_send_buffer}  # Linux doubles it for bookkeeping
+        ask_for_lots_of_audio(dead, contexts=3)
+        await wait_idle(Server(f"http://127.0.0.1:{port}", "", server.engine), timeout=180)
+        deadline = time.monotonic() + 30
+        while srv.server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        _, end = await asyncio.to_thread(read_to_end, dead)
+        assert end == "reset"
+        dead.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
 async def test_stalled_reader_that_resumes_sees_close_4013(server: Server) -> None:
     """A client that stops reading long enough loses its session, and when it reads again the
     close frame says why: 4013."""
@@ -472,8 +501,23 @@ def test_cli_passes_write_timeout_and_origins(monkeypatch: pytest.MonkeyPatch) -
     assert seen[0].write_timeout == 2.5 and seen[0].allowed_origins == ("https://a.example", "*")
     assert cli._serve(["--model", "random:tiny"]) == 7
     assert seen[1].write_timeout == 10.0 and seen[1].allowed_origins == ()
+    assert seen[1].socket_send_buffer == 64 * 1024
+    assert (seen[1].budget_frames_per_token, seen[1].budget_base_frames) == (12.0, 50)
+    assert (
+        cli._serve(["--model", "random:tiny", "--socket-send-buffer", "0", "--frame-budget", "0", "20"]) == 7
+    )
+    assert seen[2].socket_send_buffer is None and seen[2].budget_frames_per_token is None
     with pytest.raises(SystemExit):
         cli._serve(["--write-timeout", "0"])
+
+
+def test_frame_budget_settings_reach_the_engine() -> None:
+    settings = ServerSettings(model="random:tiny", budget_frames_per_token=3.0, budget_base_frames=7)
+    engine = EngineHolder(settings)._factory()
+    try:
+        assert (engine.budget_frames_per_token, engine.budget_base_frames) == (3.0, 7)
+    finally:
+        engine.close()
 
 
 # ---- fairness and runaway plumbing ---------------------------------------------------------------
