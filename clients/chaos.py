@@ -53,9 +53,12 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import multiprocessing
+import queue
 import socket
 import struct
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1069,6 +1072,7 @@ class ChaosSettings:
     stall_s: float = 60.0  # how long a stalled client waits for the server to close it
     hold_s: float = 10.0  # how long idle contexts are held at most
     pause_s: float = 0.2  # between runs, so chaos does not become a CPU benchmark of the client
+    warmup_s: float = 2.0  # chaos runs this long before the reference sessions start
 
 
 async def _chaos_client(
@@ -1441,26 +1445,79 @@ async def chaos_round(
     url: str, target: Target, references: References, settings: ChaosSettings, load_kw: dict[str, Any],
     settle_s: float,
 ) -> Round:  # fmt: skip
-    """The reference sessions with the misbehaving clients beside them, then a leak check."""
-    stop = asyncio.Event()
+    """The reference sessions with the misbehaving clients beside them, then a leak check.
+
+    The misbehaving clients run in a process of their own, as attackers on other machines would:
+    in this process they would also take the event loop and the interpreter lock from the
+    reference clients (and from an in-process server), which no remote client can.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
+    ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(
+        target=_chaos_process,
+        args=(target, settings, ready, stop, results),
+        name="chaos-clients",
+        daemon=True,
+    )
+    proc.start()
+    t0 = time.perf_counter()
+    try:
+        started = await asyncio.to_thread(ready.wait, 120)
+        if not started:
+            raise RuntimeError("the chaos clients' process did not start")
+        await asyncio.sleep(settings.warmup_s)  # the references arrive into chaos already under way
+        load = await run_load(url, references=references, **load_kw)
+    finally:
+        stop.set()
+        outcome = await asyncio.to_thread(_result, results, proc, settings)
+    if isinstance(outcome, str):  # a bug in a chaos client must not pass for a quiet server
+        raise RuntimeError("the chaos clients failed:\n" + outcome)
+    wall = time.perf_counter() - t0
+    leftover = await settle(target, settle_s)
+    return Round(load, outcome, leftover, wall)
+
+
+def _result(results: Any, proc: Any, settings: ChaosSettings) -> dict[str, KindStats] | str:
+    limit = settings.run_timeout + settings.stall_s + 60.0
+    try:
+        outcome: dict[str, KindStats] | str = results.get(timeout=limit)
+    except queue.Empty:
+        outcome = f"no result from the chaos clients within {limit:.0f} s"
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+    return outcome
+
+
+def _chaos_process(
+    target: Target, settings: ChaosSettings, ready: Any, stop: Any, results: Any
+) -> None:  # fmt: skip
+    """Entry point of the chaos clients' process: run them until `stop`, report their stats."""
+    try:
+        results.put(asyncio.run(_chaos_clients(target, settings, ready, stop)))
+    except BaseException:
+        results.put(traceback.format_exc())
+
+
+async def _chaos_clients(
+    target: Target, settings: ChaosSettings, ready: Any, stop: Any
+) -> dict[str, KindStats]:
+    stopped = asyncio.Event()
     kinds = {k: KindStats(k) for k in settings.kinds}
     tasks = []
     for i in range(settings.clients):
         kind = settings.kinds[i % len(settings.kinds)]
         kinds[kind].clients += 1
-        tasks.append(asyncio.create_task(_chaos_client(kind, i, target, kinds[kind], stop, settings)))
-    t0 = time.perf_counter()
-    try:
-        load = await run_load(url, references=references, **load_kw)
-    finally:
-        stop.set()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    for outcome in outcomes:  # a bug in a chaos client must not pass for a quiet server
+        tasks.append(asyncio.create_task(_chaos_client(kind, i, target, kinds[kind], stopped, settings)))
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.05)
+    stopped.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    wall = time.perf_counter() - t0
-    leftover = await settle(target, settle_s)
-    return Round(load, kinds, leftover, wall)
+    return kinds
 
 
 async def run_chaos(

@@ -633,10 +633,7 @@ async def serve_in_process(
     app = server_app.create_app(settings, engine=engine)
     # The app's lifespan would close the engine at shutdown (create_app takes ownership of it);
     # the engine is already loaded, so the lifespan has nothing else to do.
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", ws_max_size=settings.ws_max_size,
-        log_level="warning", lifespan="off",
-    )  # fmt: skip
+    config = server_app.uvicorn_config(app, settings, port=0, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(), name="tts-server")
     try:

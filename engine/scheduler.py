@@ -274,7 +274,8 @@ class Engine:
 
         if self.cfg.model_type != "base" or self.cfg.speaker_encoder is None:
             raise VoiceError(
-                f"voice cloning needs a Base model (Qwen3-TTS-12Hz-*-Base); {self.checkpoint.name} is a "
+                # No checkpoint name here: for a local checkpoint it is a server path.
+                f"voice cloning needs a Base model (Qwen3-TTS-12Hz-*-Base); this server runs a "
                 f"{self.cfg.model_type} model"
             )
         if self.voice_store is None:
@@ -637,17 +638,19 @@ class Engine:
         return utt.complete or (need >= 0 and len(utt.ids) >= need)
 
     def _next_admission(self) -> Stream | None:
-        """The ready stream whose owner holds the fewest rows; first come first served on ties."""
+        """The ready stream whose owner holds the fewest rows; among those, one still waiting
+        for its first audio (a listener hears silence) before one that is already speaking
+        (its client has audio buffered); then first come, first served."""
         held: dict[Hashable, int] = {}
         for s in self._active:
             held[s.engine_data.owner] = held.get(s.engine_data.owner, 0) + 1
         best: Stream | None = None
-        best_rows = 0
+        best_key = (0, False)
         for s in self._queued:
             if s.state is State.QUEUED and self._startable(s):
-                rows = held.get(s.engine_data.owner, 0)
-                if best is None or rows < best_rows:
-                    best, best_rows = s, rows
+                key = (held.get(s.engine_data.owner, 0), s.emitted_any)
+                if best is None or key < best_key:
+                    best, best_key = s, key
         return best
 
     def _reclaim_stalled(self, now: float) -> None:
@@ -733,7 +736,8 @@ class Engine:
         step's token budget (always at least one, so a long prompt still gets its turn)."""
         picked: list[tuple[Stream, Prefill]] = []
         tokens = 0
-        for s in self._active:
+        # Streams still waiting for their first audio go first (sorted() is stable).
+        for s in sorted(self._active, key=lambda s: s.emitted_any):
             if s.state is not State.WAITING or not self._startable(s):
                 continue
             utt = s.utterances[0]

@@ -286,7 +286,7 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
 
     async def speech(request: Request) -> Response:
         assert holder.engine is not None
-        return await oa.speech(request, holder.engine, settings.model)
+        return await oa.speech(request, holder.engine, settings.model, settings.limits)
 
     async def voices(request: Request) -> Response:
         assert holder.engine is not None

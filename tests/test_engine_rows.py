@@ -231,6 +231,36 @@ def test_a_free_row_goes_to_the_owner_with_fewest_rows(tiny_ckpt: Path) -> None:
         eng.close()
 
 
+def test_a_stream_waiting_for_its_first_audio_goes_before_one_already_speaking(tiny_ckpt: Path) -> None:
+    """Among owners with as many rows, a listener who hears nothing yet gets the free row before
+    a stream whose client already has audio, even if that one asked first."""
+    eng = Engine(str(tiny_ckpt), device="cpu", max_streams=1, start=False)
+    try:
+        spoke = eng.open_stream(voice="ryan", sampling=GREEDY, max_frames=2, owner="X")
+        spoke.push_text(TEXT)
+        spoke.flush()
+        while spoke.metrics.utterances < 1:
+            eng.step()
+        busy = eng.open_stream(voice="ryan", sampling=GREEDY, max_frames=6, owner="Z")
+        busy.push_text(TEXT)
+        busy.end()
+        eng.step()
+        assert busy.state is State.RUNNING and spoke.state is State.QUEUED
+        spoke.push_text("A second utterance.")  # ready first...
+        spoke.flush()
+        fresh = eng.open_stream(voice="serena", sampling=GREEDY, max_frames=2, owner="Y")
+        fresh.push_text(TEXT)  # ...but this one has no audio yet
+        fresh.end()
+        while not busy.finished:
+            eng.step()
+        eng.step()
+        assert fresh.state is not State.QUEUED and spoke.state is State.QUEUED
+        spoke.end()
+        run_until_done(eng, [spoke, fresh])
+    finally:
+        eng.close()
+
+
 def test_a_stalled_stream_is_flushed_when_others_wait(tiny_ckpt: Path) -> None:
     """A client that sends half a sentence and goes quiet (idle flush off) gives its row back
     once others wait for it; without others waiting it keeps its row and its place."""
