@@ -509,12 +509,9 @@ class Engine:
                     self._cond.wait(timeout=self._idle_timeout())
 
     def _idle_timeout(self) -> float:
-        """Sleep until the next idle-flush deadline (or a notify from a producer)."""
-        deadlines = [
-            s.last_text_at + s.options.idle_flush_ms / 1000.0
-            for s in (*self._active, *self._queued)
-            if s.options.idle_flush_ms and not s.text_ended
-        ]
+        """Sleep until the next idle-flush deadline (or a notify from a producer). Only streams
+        with unspoken text have one: an idle context must not wake the worker every millisecond."""
+        deadlines = [d for s in (*self._active, *self._queued) if (d := s._idle_flush_deadline()) is not None]
         if not deadlines:
             return 0.5
         return max(0.001, min(deadlines) - time.monotonic())

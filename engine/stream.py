@@ -369,13 +369,19 @@ class Stream:
         nxt.target_ids = len(leftover)
         self.utterances.appendleft(nxt)
 
-    def _idle_flush_due(self, now: float) -> bool:
-        """Text is waiting unspoken and none has arrived for idle_flush_ms."""
+    def _idle_flush_deadline(self) -> float | None:
+        """When text waiting unspoken is to be flushed (monotonic seconds); None: no such text."""
         ms = self.options.idle_flush_ms
         if not ms or self._closed_for_text or self.state not in (State.QUEUED, State.WAITING, State.RUNNING):
-            return False
-        unspoken = self._committer.has_pending or self.utterances[-1].target_ids > 0
-        return unspoken and (now - self.last_text_at) * 1000.0 >= ms
+            return None
+        if not (self._committer.has_pending or self.utterances[-1].target_ids > 0):
+            return None
+        return self.last_text_at + ms / 1000.0
+
+    def _idle_flush_due(self, now: float) -> bool:
+        """Text is waiting unspoken and none has arrived for idle_flush_ms."""
+        deadline = self._idle_flush_deadline()
+        return deadline is not None and now >= deadline
 
     @property
     def text_ended(self) -> bool:

@@ -180,6 +180,19 @@ def test_streams_without_text_hold_no_row(tiny_ckpt: Path) -> None:
         eng.close()
 
 
+def test_idle_contexts_do_not_wake_the_worker(engine: Engine) -> None:
+    """The worker sleeps until the next idle-flush deadline; a context with nothing unspoken has
+    none (it used to count, and once its deadline passed the worker woke every millisecond)."""
+    idle = engine.open_stream(voice="ryan", idle_flush_ms=800)
+    idle.last_text_at -= 60.0  # long past its would-be deadline
+    engine.step()
+    assert engine._idle_timeout() == 0.5
+    idle.push_text("Half a")  # unspoken text: now there is a deadline, 800 ms after this text
+    assert 0.0 < engine._idle_timeout() <= 0.8
+    idle.cancel()
+    engine.step()
+
+
 def test_streams_between_utterances_give_their_row_back(engine: Engine) -> None:
     """After a flush the utterance is spoken and the row returns to the pool; the next
     utterance is exactly what it would be on its own (nothing of the first survives in a row)."""
