@@ -177,7 +177,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         max_streams: int = 8,
         max_queued_streams: int = 256,
-        max_queued_chunks: int = 16,
+        max_queued_chunks: int = 64,
         kv_capacity: int = 512,
         default_chunk_schedule: Sequence[int] = DEFAULT_CHUNK_SCHEDULE,
         default_idle_flush_ms: int | None = None,

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_engine import collect, run_until_done
 
 from engine.sampling import SamplingError, SamplingParams, check_sampling
 from engine.scheduler import Engine
-from engine.stream import AudioChunk, State, Stream
+from engine.stream import State, Stream
 
 GREEDY = SamplingParams(temperature=0.0, subtalker_temperature=0.0)
 TEXT = "Hello there, this is a short test sentence."
@@ -26,17 +27,8 @@ TEXT = "Hello there, this is a short test sentence."
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_until_done(engine: Engine, streams: list[Stream], max_steps: int = 20_000) -> None:
-    for _ in range(max_steps):
-        if all(s.finished for s in streams):
-            return
-        engine.step()
-    raise AssertionError("streams did not finish")
-
-
 def codes_of(stream: Stream) -> np.ndarray:
-    chunks = [c for c in stream.chunks(timeout=5) if isinstance(c, AudioChunk) and c.frames]
-    return np.concatenate([c.codes for c in chunks if c.codes is not None] or [np.zeros((0, 16), int)])
+    return collect(stream)[0]
 
 
 def speak(engine: Engine, text: str, **kw: Any) -> np.ndarray:

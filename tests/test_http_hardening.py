@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from test_server import serve_app
 
 from engine.scheduler import Engine
 from engine.stream import Stream
@@ -52,15 +51,8 @@ class Server:
 def server(tiny_ckpt: Path, one_thread: None) -> Iterator[Server]:
     engine = Engine(str(tiny_ckpt), device="cpu", max_streams=MAX_STREAMS)
     app = create_app(ServerSettings(model="tiny-test"), engine=engine)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield Server(engine, srv.servers[0].sockets[0].getsockname()[1])
+    srv, thread, port = serve_app(app)
+    yield Server(engine, port)
     srv.should_exit = True
     thread.join(timeout=10)
     engine.close()

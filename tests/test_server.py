@@ -23,7 +23,7 @@ import uvicorn
 import websockets
 
 from engine.scheduler import Engine
-from realtime.app import ServerSettings, create_app
+from realtime.app import ServerSettings, create_app, uvicorn_config
 from realtime.protocol import Limits
 
 TEXT = "Hello there. This sentence is streamed to the server one word at a time."
@@ -37,10 +37,12 @@ class Server:
     engine: Engine
 
 
-def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", ws_max_size=4 << 20, log_level="warning"
-    )
+def serve_app(
+    app: Any, settings: ServerSettings | None = None
+) -> tuple[uvicorn.Server, threading.Thread, int]:
+    """Run `app` on 127.0.0.1, port 0, under the uvicorn configuration `python -m realtime serve`
+    uses, in a thread; returns the server, its thread and its port."""
+    config = uvicorn_config(app, settings or ServerSettings(), host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -56,7 +58,7 @@ def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
 def server(tiny_ckpt: Path) -> Iterator[Server]:
     engine = Engine(str(tiny_ckpt), device="cpu", max_streams=4)
     app = create_app(ServerSettings(model="tiny-test", limits=Limits(max_contexts=4)), engine=engine)
-    srv, thread, port = _serve(app)
+    srv, thread, port = serve_app(app)
     yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/tts/stream", engine)
     srv.should_exit = True
     thread.join(timeout=10)
@@ -66,7 +68,9 @@ def server(tiny_ckpt: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def auth_server(tiny_ckpt: Path) -> Iterator[Server]:
     engine = Engine(str(tiny_ckpt), device="cpu", max_streams=2)
-    srv, thread, port = _serve(create_app(ServerSettings(model="tiny-test", api_key=API_KEY), engine=engine))
+    srv, thread, port = serve_app(
+        create_app(ServerSettings(model="tiny-test", api_key=API_KEY), engine=engine)
+    )
     yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/tts/stream", engine)
     srv.should_exit = True
     thread.join(timeout=10)

@@ -24,11 +24,11 @@ import httpx
 import pytest
 import uvicorn
 import websockets
-from test_server import TEXT, Server, check_stream_frames, connect, recv_until, send, terminal
+from test_server import TEXT, Server, check_stream_frames, connect, recv_until, send, serve_app, terminal
 
 from engine.scheduler import Engine
 from realtime import cli
-from realtime.app import EngineHolder, ServerSettings, create_app, origin_allowed, uvicorn_config
+from realtime.app import EngineHolder, ServerSettings, create_app, origin_allowed
 from realtime.protocol import CLOSE_WRITE_TIMEOUT, Limits
 from realtime.session import Session
 
@@ -38,16 +38,7 @@ WRITE_TIMEOUT = 2.0  # short, so dead readers are found quickly; long enough for
 
 
 def _serve(settings: ServerSettings, engine: Engine) -> tuple[uvicorn.Server, threading.Thread, int]:
-    """The app under the uvicorn configuration `python -m realtime serve` uses."""
-    app = create_app(settings, engine=engine)
-    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=0, log_level="info"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+    return serve_app(create_app(settings, engine=engine), settings)
 
 
 @pytest.fixture(scope="module")
