@@ -54,6 +54,7 @@ import ipaddress
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import socket
 import struct
@@ -1492,7 +1493,13 @@ def _result(results: Any, proc: Any, settings: ChaosSettings) -> dict[str, KindS
 def _chaos_process(
     target: Target, settings: ChaosSettings, ready: Any, stop: Any, results: Any
 ) -> None:  # fmt: skip
-    """Entry point of the chaos clients' process: run them until `stop`, report their stats."""
+    """Entry point of the chaos clients' process: run them until `stop`, report their stats.
+
+    It runs at the lowest CPU priority: attackers on other machines spend their own CPU, and on
+    a machine shared with the server the closest to that is to let the server's work go first.
+    What the server spends on their requests still counts."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
     try:
         results.put(asyncio.run(_chaos_clients(target, settings, ready, stop)))
     except BaseException:

@@ -38,11 +38,11 @@ class Server:
 
 
 def serve_app(
-    app: Any, settings: ServerSettings | None = None
+    app: Any, settings: ServerSettings | None = None, log_level: str = "warning"
 ) -> tuple[uvicorn.Server, threading.Thread, int]:
     """Run `app` on 127.0.0.1, port 0, under the uvicorn configuration `python -m realtime serve`
     uses, in a thread; returns the server, its thread and its port."""
-    config = uvicorn_config(app, settings or ServerSettings(), host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn_config(app, settings or ServerSettings(), host="127.0.0.1", port=0, log_level=log_level)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

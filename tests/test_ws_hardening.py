@@ -38,7 +38,7 @@ WRITE_TIMEOUT = 2.0  # short, so dead readers are found quickly; long enough for
 
 
 def _serve(settings: ServerSettings, engine: Engine) -> tuple[uvicorn.Server, threading.Thread, int]:
-    return serve_app(create_app(settings, engine=engine), settings)
+    return serve_app(create_app(settings, engine=engine), settings, log_level="info")  # access lines too
 
 
 @pytest.fixture(scope="module")
