@@ -592,10 +592,6 @@ class Engine:
         for s in list(self._active):
             if s.finished:
                 self._release(s)
-        gone = [s for s in self._queued if s.finished]
-        if gone:  # cancelled (or failed) while parked or waiting for a row
-            self._queued = [s for s in self._queued if not s.finished]
-            self.stats.closed += len(gone)
         for s in (*self._active, *self._queued):
             if s._idle_flush_due(now):
                 s._flush_locked()
@@ -604,7 +600,7 @@ class Engine:
         for s in list(self._active):
             if s.state is State.DONE:
                 self._release(s)
-        finished = [s for s in self._queued if s.finished]  # ended while parked
+        finished = [s for s in self._queued if s.finished]  # cancelled, failed or ended while parked
         if finished:
             self._queued = [s for s in self._queued if not s.finished]
             self.stats.closed += len(finished)
