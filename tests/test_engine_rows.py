@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from test_engine import collect, run_until_done
+from test_engine import speak as speak_alone
 
 from engine.sampling import SamplingError, SamplingParams, check_sampling
 from engine.scheduler import Engine
@@ -32,11 +33,8 @@ def codes_of(stream: Stream) -> np.ndarray:
 
 
 def speak(engine: Engine, text: str, **kw: Any) -> np.ndarray:
-    s = engine.open_stream(voice="ryan", **kw)
-    s.push_text(text)
-    s.end()
-    run_until_done(engine, [s])
-    return codes_of(s)
+    """Codes of `text` spoken alone by ryan."""
+    return speak_alone(engine, text, voice="ryan", **kw)[0]
 
 
 @pytest.fixture(scope="module")
