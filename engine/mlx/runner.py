@@ -4,7 +4,9 @@ Every phase builds its whole graph lazily (a code-predictor frame's 15 passes an
 included) and evaluates it once, together with the KV cache and the drawing rows' keys, so no
 graph outlives its phase. All work runs on the default stream of the chosen device in the
 calling thread: the engine's worker thread runs the phases, cloning runs in its caller's thread,
-and an MLX stream made in one thread cannot be used in another.
+and an MLX stream made in one thread cannot be used in another. For the same reason every array
+that one thread makes and another uses (weights, masks, random keys, row state) is evaluated
+before it crosses: a lazy array is evaluated on the stream of the thread that built it.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class MlxBackend:
             self.talker = load_talker(checkpoint, self.dtype)
             self.cache = TalkerCache(tcfg.transformer, max_streams, kv_capacity, self.dtype)
             self._suppress = suppress_mask(tcfg.vocab_size, tcfg.codec_eos_id)
+            mx.eval(self._suppress)  # built here, used in the worker thread: see the module doc
         self._eos = tcfg.codec_eos_id
         # The codec decoder loads on the first decode (engine.mlx.codec). Until then no row has
         # history, so a reset is a no-op and an ICL prime is remembered here and replayed.

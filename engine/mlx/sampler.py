@@ -19,6 +19,9 @@ class RowRng:
 
     def __init__(self, seed: int):
         self.key = mx.random.key(seed)  # the full 64-bit seed: [hi, lo] uint32
+        # Made in the caller's thread (a stream opens anywhere), drawn in the worker's: evaluate
+        # now, as a lazy array can only be evaluated on the stream of the thread that built it.
+        mx.eval(self.key)
 
     @classmethod
     def from_params(cls, params: SamplingParams) -> RowRng:

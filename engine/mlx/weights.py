@@ -121,18 +121,19 @@ def load_talker(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Talker:
     check_tensors(state, talker_shapes(cfg), where)
     state = {k: v.astype(dtype) for k, v in state.items()}
     talker = Talker(cfg, state)
-    # Materialize now (concatenated q/k/v and gate/up included): loading errors surface here,
-    # and the per-key source arrays are released.
-    mx.eval([v for v in vars(talker).values() if isinstance(v, mx.array)], _layer_arrays(talker))
+    # Materialize now (concatenated q/k/v and gate/up, RoPE tables): loading errors surface here,
+    # the per-key source arrays are released, and no lazy array made in this thread is left for
+    # another to evaluate (MLX evaluates a graph on the stream of the thread that built it).
+    mx.eval(arrays_of(talker))
     return talker
 
 
-def _layer_arrays(talker: Talker) -> list[mx.array]:
-    out: list[mx.array] = []
-    for stack in (talker.model, talker.code_predictor.model):
-        for layer in stack.layers:
-            out += [v for v in vars(layer).values() if isinstance(v, mx.array)]
-        out.append(stack.norm)
-    cp = talker.code_predictor
-    out += cp.codec_embedding + cp.lm_head + list(cp.projection or ()) + list(talker.fc1 + talker.fc2)
-    return out
+def arrays_of(obj: object) -> list[mx.array]:
+    """Every mx.array held by `obj`, its attributes, lists and tuples, recursively."""
+    if isinstance(obj, mx.array):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [a for item in obj for a in arrays_of(item)]
+    if hasattr(obj, "__dict__"):
+        return [a for value in vars(obj).values() for a in arrays_of(value)]
+    return []
