@@ -210,7 +210,9 @@ def test_processors_and_warpers_match_torch() -> None:
     scores = np.array(m_s)
     temperature = np.array([0.9, 0.5, 1.0, 2.0, 0.01, 1.3], dtype=np.float32)
     top_k = np.array([50, 0, 1, 3000, 7, 65536], dtype=np.int64)
-    top_p = np.array([1.0, 0.9, 0.5, 0.95, 1.0, 0.3], dtype=np.float32)
+    # 1e-9: in fp32 1 - top_p == 1, so every cumulative probability qualifies for removal and
+    # only the keep-at-least-one rule leaves the top token.
+    top_p = np.array([1.0, 0.9, 0.5, 0.95, 1e-9, 0.3], dtype=np.float32)
     for use_k, use_p in [(True, True), (True, False), (False, True)]:
         t_w = ts.warp(
             torch.from_numpy(scores), torch.from_numpy(temperature), torch.from_numpy(top_k),
@@ -230,16 +232,19 @@ def test_processors_and_warpers_match_torch() -> None:
 
 def test_sampler_greedy_is_argmax_and_bad_rows_fall_back() -> None:
     rng = np.random.default_rng(1)
-    logits = rng.standard_normal((4, 64)).astype(np.float32)
+    logits = rng.standard_normal((5, 64)).astype(np.float32)
     logits[1, 17] = np.inf  # overflowing logit: softmax is NaN, the row takes its argmax
     logits[2, :] = -np.inf  # every token masked
     logits[3, 5] = np.nan
-    params = [(0.0, 50, 1.0), (0.9, 50, 1.0), (0.9, 0, 0.9), (1.0, 0, 1.0)]
-    rngs = [ms.RowRng(i) for i in range(4)]
+    # Finite logits that overflow once divided by the temperature: both become +inf, the draw
+    # would take the first; the fallback takes the argmax of the unwarped logits.
+    logits[4, 3], logits[4, 9] = 1e38, 2e38
+    params = [(0.0, 50, 1.0), (0.9, 50, 1.0), (0.9, 0, 0.9), (1.0, 0, 1.0), (0.01, 0, 1.0)]
+    rngs = [ms.RowRng(i) for i in range(5)]
     out = np.array(ms.RowSampler(params, rngs)(mx.array(logits)))
     expected = np.array(mx.argmax(mx.array(logits), axis=-1))
     assert out[0] == logits[0].argmax()
-    assert out[1] == 17
+    assert out[1] == 17 and out[4] == 9
     np.testing.assert_array_equal(out[1:], expected[1:])  # every bad row: its argmax
 
 
