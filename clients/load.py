@@ -52,7 +52,7 @@ from realtime.audio import decode_pcm
 from realtime.protocol import CODEC_FRAME_MS, NATIVE_SAMPLE_RATE
 
 if TYPE_CHECKING:
-    from engine.scheduler import Engine
+    from engine import Engine
 
 SAMPLES_PER_FRAME: Final = CODEC_FRAME_MS * NATIVE_SAMPLE_RATE // 1000  # 1920 at 24 kHz
 DEFAULT_TEXTS: Final = (
@@ -605,8 +605,7 @@ async def serve_in_process(
     """
     import uvicorn
 
-    from engine.checkpoint import load_checkpoint
-    from engine.scheduler import Engine
+    from engine import Engine, load_checkpoint
     from realtime import app as server_app
     from realtime.protocol import Limits
 

@@ -32,7 +32,15 @@ def _synth_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--text-mode", choices=["streaming", "full"], default="streaming")
     p.add_argument("--max-frames", type=int, default=None, help="cap on generated frames (80 ms each)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "mlx"], default="auto", help="default: mlx on Apple Silicon"
+    )
+    p.add_argument(
+        "--device", default=None, help="torch: cpu|cuda (default cuda when available); mlx: cpu|gpu"
+    )
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto", help="fp32 is exact"
+    )
     return p
 
 
@@ -40,17 +48,27 @@ def synth_main(argv: list[str]) -> int:
     args = _synth_parser().parse_args(argv)
     import soundfile as sf
 
-    from engine.checkpoint import CheckpointError
-    from engine.prompt import PromptError
-    from engine.sampling import SamplingError
-    from engine.scheduler import Engine, EngineError
+    from engine import (
+        BackendError,
+        CheckpointError,
+        Engine,
+        EngineError,
+        PromptError,
+        SamplingError,
+        SamplingParams,
+    )
 
     try:
-        engine = Engine(args.model, device=args.device)
+        engine = Engine(
+            args.model, backend=None if args.backend == "auto" else args.backend, device=args.device,
+            precision=args.precision,
+        )  # fmt: skip
+        info = engine.describe()
+        print(
+            f"engine: {info['backend']} on {info['device']}, precision {info['precision']}", file=sys.stderr
+        )
         sampling = None
         if args.temperature is not None:
-            from engine.sampling import SamplingParams
-
             base = SamplingParams.from_generation_config(engine.checkpoint.generation)
             sampling = base.with_overrides(temperature=args.temperature)
         if not args.text.strip():
@@ -59,7 +77,7 @@ def synth_main(argv: list[str]) -> int:
             voice=args.voice, language=args.language, instructions=args.instructions, sampling=sampling,
             seed=args.seed, text_mode=args.text_mode, max_frames=args.max_frames,
         )  # fmt: skip
-    except (CheckpointError, EngineError, PromptError, SamplingError, ValueError) as e:
+    except (BackendError, CheckpointError, EngineError, PromptError, SamplingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

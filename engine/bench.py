@@ -51,8 +51,8 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -110,7 +110,7 @@ def bench_codec(engine: Any, batch: int, chunk: int, frames: int) -> float:
     `batch` streams at once (so batch 4 reports the cost of each of the 4 streams' frames)."""
     from engine.torch.codec import CodecStreams
 
-    pool = CodecStreams(engine.codec, batch, device=engine.device, dtype=engine.dtype)
+    pool = CodecStreams(engine.backend.codec, batch, device=engine.device, dtype=engine.backend.dtype)
     rows = list(range(batch))
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 2048, (batch, 16, frames + chunk), generator=g).to(engine.device)
@@ -151,15 +151,15 @@ def official_models(ckpt: Checkpoint, engine: Any) -> tuple[Any, Any]:
     model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**dicts["config.json"])).eval()
     # The engine's talker is in its fused inference form; load the checkpoint layout afresh.
     model.talker.load_state_dict(load_talker(ckpt, torch.device("cpu"), torch.float32).state_dict())
-    model.to(device=engine.device, dtype=engine.dtype)
+    model.to(device=engine.device, dtype=engine.backend.dtype)
     codec_cfg = {
         k: v
         for k, v in dicts["speech_tokenizer/config.json"].items()
         if k not in ("architectures", "model_type", "transformers_version")
     }
     tok = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**codec_cfg)).eval()
-    tok.decoder.load_state_dict(engine.codec.state_dict())
-    tok.to(device=engine.device, dtype=engine.dtype)
+    tok.decoder.load_state_dict(engine.backend.codec.state_dict())
+    tok.to(device=engine.device, dtype=engine.backend.dtype)
     return model, tok
 
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "model": args.model,
         "device": str(engine.device),
-        "dtype": str(engine.dtype).replace("torch.", ""),
+        "dtype": str(engine.backend.dtype).replace("torch.", ""),
         **machine(),
     }
     print(

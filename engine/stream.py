@@ -30,7 +30,7 @@ import numpy as np
 from engine.text import TextCommitter
 
 if TYPE_CHECKING:
-    from engine.scheduler import Engine, StreamOptions
+    from engine.options import StreamOptions
 
 
 class StreamError(RuntimeError):
@@ -188,18 +188,21 @@ class _ChunkQueue:
 class Stream:
     """A text-to-speech stream. Create it with `Engine.open_stream()`."""
 
-    def __init__(self, engine: Engine, stream_id: int, options: StreamOptions, committer: TextCommitter):
+    def __init__(
+        self, lock: threading.Condition, stream_id: int, options: StreamOptions, committer: TextCommitter
+    ):
+        # `lock` is the engine's: the worker reads text and queues chunks under it, and its
+        # notify wakes the worker when text arrives.
         self.id = stream_id
         self.options = options
         self.metrics = StreamMetrics()
-        self._engine = engine
-        self._lock = engine._cond
+        self._lock = lock
         self._committer = committer
-        self._chunks = _ChunkQueue(engine._cond)
+        self._chunks = _ChunkQueue(lock)
         self.state = State.QUEUED
         self.error: str | None = None
         self._ended = False  # end() called: no more text
-        self._closed_for_text = False
+        self.closed_for_text = False
         self._prefix = list(options.queue_prefix)
         self.utterances: collections.deque[Utterance] = collections.deque([self._new_utterance(0)])
         self._next_utterance = 1
@@ -234,7 +237,7 @@ class Stream:
         """Speak everything received so far, end the utterance; later text starts a new one."""
         with self._lock:
             self._check_open()
-            self._flush_locked()
+            self.flush_locked()
             self._lock.notify_all()
 
     def end(self) -> None:
@@ -243,9 +246,9 @@ class Stream:
             if self._ended:
                 return
             self._check_open()
-            self._flush_locked()
+            self.flush_locked()
             self._ended = True
-            self._closed_for_text = True
+            self.closed_for_text = True
             self._lock.notify_all()
 
     def cancel(self) -> None:
@@ -254,7 +257,7 @@ class Stream:
             if self.state in (State.DONE, State.CANCELLED, State.FAILED):
                 return
             self.state = State.CANCELLED
-            self._closed_for_text = True
+            self.closed_for_text = True
             self._chunks.clear()
             self._chunks.put(_END)
             self._lock.notify_all()
@@ -331,14 +334,15 @@ class Stream:
     def queued_chunks(self) -> int:
         return len(self._chunks)
 
-    # ---- internals (engine lock held) -----------------------------------------------------
+    # ---- worker-side API (the engine's worker thread, engine lock held) ----------------------
+    # The scheduler drives a stream through these and the public state above, nothing else.
 
     def _check_open(self) -> None:
         if self.state is State.CANCELLED:
             raise StreamClosedError(f"stream {self.id} was cancelled; open a new stream for new text")
         if self.state is State.FAILED:
             raise StreamClosedError(f"stream {self.id} failed: {self.error}")
-        if self._closed_for_text:
+        if self.closed_for_text:
             raise StreamClosedError(f"stream {self.id} has ended; open a new stream for new text")
 
     def _new_utterance(self, index: int) -> Utterance:
@@ -349,7 +353,7 @@ class Stream:
         utt.ids.extend(ids)
         utt.target_ids += len(ids)
 
-    def _flush_locked(self) -> None:
+    def flush_locked(self) -> None:
         ids = self._committer.flush()
         if ids:
             self._add_ids(ids)
@@ -360,7 +364,7 @@ class Stream:
         self.utterances.append(self._new_utterance(self._next_utterance))
         self._next_utterance += 1
 
-    def _continue_utterance(self, ended: Utterance, consumed: int) -> None:
+    def continue_utterance(self, ended: Utterance, consumed: int) -> None:
         """Open the next utterance with the queue entries the ended one never fed (lock held)."""
         leftover = ended.ids[max(consumed, len(self._prefix)) :]
         nxt = self._new_utterance(self._next_utterance)
@@ -369,37 +373,37 @@ class Stream:
         nxt.target_ids = len(leftover)
         self.utterances.appendleft(nxt)
 
-    def _idle_flush_deadline(self) -> float | None:
+    def idle_flush_deadline(self) -> float | None:
         """When text waiting unspoken is to be flushed (monotonic seconds); None: no such text."""
         ms = self.options.idle_flush_ms
-        if not ms or self._closed_for_text or self.state not in (State.QUEUED, State.WAITING, State.RUNNING):
+        if not ms or self.closed_for_text or self.state not in (State.QUEUED, State.WAITING, State.RUNNING):
             return None
         if not (self._committer.has_pending or self.utterances[-1].target_ids > 0):
             return None
         return self.last_text_at + ms / 1000.0
 
-    def _idle_flush_due(self, now: float) -> bool:
+    def idle_flush_due(self, now: float) -> bool:
         """Text is waiting unspoken and none has arrived for idle_flush_ms."""
-        deadline = self._idle_flush_deadline()
+        deadline = self.idle_flush_deadline()
         return deadline is not None and now >= deadline
 
     @property
     def text_ended(self) -> bool:
         return self._ended
 
-    def _deliver(self, chunk: AudioChunk) -> bool:
+    def deliver(self, chunk: AudioChunk) -> bool:
         """Queue a chunk unless the stream was cancelled meanwhile. Lock held."""
         if self.state is State.CANCELLED:
             return False
         self._chunks.put(chunk)
         return True
 
-    def _finish(self, state: State, error: str | None = None) -> None:
+    def finish(self, state: State, error: str | None = None) -> None:
         if self.state is State.CANCELLED:
             return
         self.state = state
         self.error = error
-        self._closed_for_text = True
+        self.closed_for_text = True
         self._chunks.put(_END)
 
     def _raise_if_failed(self) -> None:

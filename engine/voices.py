@@ -24,8 +24,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from engine.backend import ResolvedVoice
+from engine.errors import VoiceError
+from engine.prompt import VoiceSpec
+
+if TYPE_CHECKING:
+    from engine.backend import Backend
+    from engine.config import ModelConfig
+    from engine.text import TextTokenizer
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
 
@@ -165,3 +175,128 @@ def _row(row: tuple) -> ClonedVoice:
         id=vid, name=name, xvector=_array(xvec), ref_codes=None if codes is None else _array(codes),
         ref_text=text, ref_seconds=seconds, created=created,
     )  # fmt: skip
+
+
+class Voices:
+    """The voices one model offers: its preset speakers, and (Base models) cloned voices.
+
+    Cloning runs the backend's encoders in the caller's thread; the result is stored, so using
+    a voice later costs no audio processing.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: TextTokenizer,
+        backend: Backend,
+        db: str | Path | None,
+        sample_rate: int,
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.sample_rate = sample_rate  # the codec's: reference audio is resampled to it
+        self.store: VoiceStore | None = None
+        if db is not None and cfg.speaker_encoder is not None:
+            self.store = VoiceStore(db, family=f"xvec{cfg.speaker_encoder.enc_dim}")
+
+    @property
+    def names(self) -> list[str]:
+        """Preset speakers, then registered clone voices (by id)."""
+        clones = [v.id for v in self.store.list()] if self.store is not None else []
+        return [*self.cfg.speakers, *clones]
+
+    def describe(self) -> list[dict[str, object]]:
+        presets: list[dict[str, object]] = [{"id": n, "name": n, "type": "preset"} for n in self.cfg.speakers]
+        clones = [v.describe() for v in self.store.list()] if self.store is not None else []
+        return presets + clones
+
+    def default(self) -> str | None:
+        speakers = self.cfg.speakers
+        if not speakers:
+            return None
+        return "ryan" if "ryan" in speakers else speakers[0]
+
+    def create(
+        self,
+        name: str,
+        audio: Any,
+        *,
+        sample_rate: int | None = None,
+        ref_text: str | None = None,
+        x_vector_only: bool = False,
+        max_seconds: float = 60.0,
+    ) -> ClonedVoice:
+        """See `Engine.create_voice`."""
+        from engine.audio import load_audio, prepare_audio
+
+        if self.cfg.model_type != "base" or self.cfg.speaker_encoder is None:
+            raise VoiceError(
+                # No checkpoint name here: for a local checkpoint it is a server path.
+                f"voice cloning needs a Base model (Qwen3-TTS-12Hz-*-Base); this server runs a "
+                f"{self.cfg.model_type} model"
+            )
+        if self.store is None:
+            raise VoiceError("this engine has no voice store (start it with a voices database)")
+        # The transcript is used verbatim, as the official package does: a trailing newline (a
+        # transcript read from a file) changes the prompt's ids and so the audio.
+        text = ref_text if ref_text is not None and ref_text.strip() else None
+        if not x_vector_only and text is None:
+            raise VoiceError(
+                "ICL voice cloning needs the transcript of the reference audio (ref_text); "
+                "or ask for an x-vector-only voice"
+            )
+        if isinstance(audio, np.ndarray):
+            if sample_rate is None:
+                raise VoiceError("a raw audio array needs its sample_rate")
+            wav = prepare_audio(audio, sample_rate, self.sample_rate, max_seconds=max_seconds)
+        else:
+            wav = load_audio(audio, self.sample_rate, max_seconds=max_seconds)
+        xvector, codes = self.backend.clone_encode(wav, with_codes=not x_vector_only)
+        seconds = len(wav) / self.sample_rate
+        return self.store.add(name, xvector, codes, None if x_vector_only else text, seconds)
+
+    def delete(self, key: str) -> bool:
+        return self.store.delete(key) if self.store is not None else False
+
+    def resolve(self, name: str | None) -> ResolvedVoice:
+        """A preset speaker of a CustomVoice model, a cloned voice, or no voice (VoiceDesign /
+        plain Base)."""
+        if name is None or name == "":
+            if self.cfg.model_type == "custom_voice":
+                raise VoiceError(
+                    f"this CustomVoice model needs a voice; choose one of: {', '.join(self.names)}"
+                )
+            return ResolvedVoice(spec=None)
+        key = name.strip().lower()
+        if key in self.cfg.talker.spk_id:
+            spec = VoiceSpec(
+                name=key,
+                speaker_id=self.cfg.talker.spk_id[key],
+                dialect=self.cfg.talker.spk_is_dialect.get(key),
+            )
+            return ResolvedVoice(spec=spec)
+        clone = self.store.get(name.strip()) if self.store is not None else None
+        if clone is not None:
+            return self._clone_voice(clone)
+        offered = ", ".join(self.names) if self.names else "none (this model has no preset voices)"
+        raise VoiceError(f"unknown voice {name!r}; this model offers: {offered}")
+
+    def _clone_voice(self, clone: ClonedVoice) -> ResolvedVoice:
+        if clone.xvector.shape[0] != self.cfg.talker.transformer.hidden_size:
+            raise VoiceError(f"voice {clone.id!r} was made for another model size")
+        icl = clone.ref_codes is not None and clone.ref_text is not None
+        ref_ids: tuple[int, ...] | None = None
+        codes: np.ndarray | None = None
+        if icl:
+            assert clone.ref_text is not None and clone.ref_codes is not None
+            # `<|im_start|>assistant\n{ref_text}<|im_end|>\n` -> ids[3:-2] (MODEL.md §2.1)
+            ref_ids = tuple(self.tokenizer.encode("assistant\n" + clone.ref_text)[2:])
+            codes = clone.ref_codes.astype(np.int64)
+        spec = VoiceSpec(
+            name=clone.id,
+            has_xvector=True,
+            ref_text_ids=ref_ids,
+            ref_frames=0 if codes is None else len(codes),
+        )
+        return ResolvedVoice(spec=spec, xvector=clone.xvector.astype(np.float32), ref_codes=codes)

@@ -35,9 +35,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from engine.checkpoint import CheckpointError
-from engine.config import ConfigError
-from engine.scheduler import Engine, EngineError
+from engine import CheckpointError, ConfigError, Engine, EngineError
 from realtime import protocol as P
 from realtime import voices_api
 from realtime.compat import openai as oa
@@ -59,6 +57,8 @@ DEFAULT_SOCKET_SEND_BUFFER = 64 * 1024
 class ServerSettings:
     model: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
     device: str | None = None
+    backend: str | None = None  # "torch" | "mlx" | None: the platform's default
+    precision: str = "auto"  # "fp32" | "bf16" | "int8" | "auto"
     api_key: str | None = None
     max_sessions: int = 64
     max_streams: int = 8  # streams generating at once (the engine's batch rows)
@@ -96,7 +96,9 @@ class EngineHolder:
         self._factory = factory or (
             lambda: Engine(
                 settings.model,
+                backend=settings.backend,
                 device=settings.device,
+                precision=settings.precision,
                 max_streams=settings.max_streams,
                 voices_db=settings.voices_db,
                 budget_frames_per_token=settings.budget_frames_per_token,
@@ -261,7 +263,8 @@ def create_app(settings: ServerSettings | None = None, *, engine: Engine | None 
         return JSONResponse(
             {
                 "status": "ok", "model": settings.model, "model_type": holder.engine.model_type,
-                "device": str(holder.engine.device), "sessions": state["sessions"],
+                "device": str(holder.engine.device), **holder.engine.backend.describe(),
+                "sessions": state["sessions"],
                 "streams": holder.engine.active_streams, "queued_streams": holder.engine.queued_streams,
             }
         )  # fmt: skip

@@ -18,7 +18,18 @@ def _serve(argv: list[str]) -> int:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "mlx"], default="auto",
+        help="tensor library (default: mlx on Apple Silicon, torch elsewhere)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", default=None, help="torch: cpu|cuda[:N] (default cuda when available); mlx: cpu|gpu"
+    )
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+        help="fp32 is exact against the official package; auto picks the fastest mode that passes its "
+        "quality report on this device and CPU (default auto)",
+    )  # fmt: skip
     p.add_argument(
         "--api-key", default=os.environ.get("TTS_API_KEY"), help="require this bearer token (env TTS_API_KEY)"
     )
@@ -72,7 +83,8 @@ def _serve(argv: list[str]) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = ServerSettings(
-        model=args.model, device=args.device, api_key=args.api_key, max_sessions=args.max_sessions,
+        model=args.model, device=args.device,
+        backend=None if args.backend == "auto" else args.backend, precision=args.precision, api_key=args.api_key, max_sessions=args.max_sessions,
         max_streams=args.max_streams, limits=P.Limits(max_contexts=args.max_contexts), voices_db=args.voices_db,
         write_timeout=args.write_timeout, allowed_origins=tuple(args.allow_origin),
         socket_send_buffer=args.socket_send_buffer or None,

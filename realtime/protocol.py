@@ -514,7 +514,7 @@ def _sampling(obj: Any) -> dict[str, Any]:
     """
     # Imported here so that clients importing this module (for the frame header) do not pay for
     # torch, which engine.sampling needs.
-    from engine.sampling import SamplingError, check_sampling
+    from engine import SamplingError, check_sampling
 
     if not isinstance(obj, Mapping):
         raise ProtocolError(ErrorCode.INVALID_SAMPLING, "sampling must be an object")
@@ -865,6 +865,8 @@ class SessionCreated(_Event):
     limits: Limits = DEFAULT_LIMITS
     voices: tuple[str, ...] = ()
     languages: tuple[str, ...] = ()
+    # What runs the model: {"backend": "torch"|"mlx", "device": ..., "precision": "fp32"|...}.
+    engine: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = self.config.output
@@ -873,6 +875,7 @@ class SessionCreated(_Event):
             "session_id": self.session_id,
             "protocol": PROTOCOL_VERSION,
             "model": self.model,
+            "engine": dict(self.engine),
             "config": self.config.to_dict(),
             "audio": {"encoding": out.encoding, "sample_rate": out.sample_rate, "channels": 1},
             "limits": self.limits.to_dict(),

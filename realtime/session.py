@@ -31,11 +31,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.prompt import PromptError
-from engine.sampling import SamplingError
-from engine.sampling import SamplingParams as EngineSampling
-from engine.scheduler import Engine, EngineError, OverloadedError, VoiceError
-from engine.stream import AudioChunk, InvalidTextError, Marker, State, Stream, StreamError
+from engine import (
+    AudioChunk,
+    Engine,
+    EngineError,
+    InvalidTextError,
+    Marker,
+    OverloadedError,
+    PromptError,
+    SamplingError,
+    State,
+    Stream,
+    StreamError,
+    VoiceError,
+)
+from engine import SamplingParams as EngineSampling
 from realtime import protocol as P
 from realtime.audio import AudioEncoder
 
@@ -157,7 +167,7 @@ class Session:
         writer = asyncio.create_task(self._writer(), name=f"{self.id}-writer")
         created = P.SessionCreated(
             session_id=self.id, model=self._model_name, config=self.config, limits=self.limits,
-            voices=tuple(self.voices), languages=tuple(self.languages),
+            voices=tuple(self.voices), languages=tuple(self.languages), engine=_engine_info(self.engine),
         )  # fmt: skip
         await self._put(_Out("json", text=created.to_json()))
         return writer
@@ -531,3 +541,9 @@ class Session:
             await asyncio.gather(
                 *(c.pump for c in list(self.contexts.values()) if c.pump), return_exceptions=True
             )
+
+
+def _engine_info(engine: Engine) -> dict[str, str]:
+    """Backend, device and precision, as session.created and /health report them."""
+    backend = engine.backend.describe()
+    return {k: str(backend[k]) for k in ("backend", "device", "precision") if k in backend}

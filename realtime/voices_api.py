@@ -28,9 +28,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from engine.scheduler import Engine, VoiceError
-from engine.torch.speaker import AudioError
-from engine.voices import VoiceStoreError
+from engine import AudioError, Engine, VoiceError, VoiceStoreError
 from realtime.compat.openai import (
     OPENAI_VOICES,
     HTTPError,

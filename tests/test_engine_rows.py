@@ -47,7 +47,9 @@ def engine(tiny_ckpt: Path) -> Engine:
 def _unvalidated(stream: Stream, **sampling: Any) -> None:
     """Give an open stream sampling values that validation would refuse: what a transport that
     forgot to validate (or a future bug) would let through into the batch."""
-    stream.options = replace(stream.options, sampling=replace(stream.options.sampling, **sampling))
+    params = replace(stream.options.sampling, **sampling)
+    stream.options = replace(stream.options, sampling=params)
+    stream.engine_data.row_state.sampling = params  # the backend samples with its own copy
 
 
 # ---- sampling bounds --------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_retry_rewinds_the_generators(engine: Engine, monkeypatch: pytest.Monkey
     """A batch that fails after its rows sampled is retried row by row from the same generator
     states: sampled streams get exactly the values they get alone."""
     alone = [speak(engine, TEXT, seed=seed, max_frames=16) for seed in (11, 5)]
-    predict = engine.talker.code_predictor.predict
+    predict = engine.backend.talker.code_predictor.predict
 
     def fails_in_batches(hidden: Any, e0: Any, sample: Any) -> Any:
         out = predict(hidden, e0, sample)  # every row has drawn its 15 codes by now
@@ -120,7 +122,7 @@ def test_retry_rewinds_the_generators(engine: Engine, monkeypatch: pytest.Monkey
             raise RuntimeError("injected failure after sampling")
         return out
 
-    monkeypatch.setattr(engine.talker.code_predictor, "predict", fails_in_batches)
+    monkeypatch.setattr(engine.backend.talker.code_predictor, "predict", fails_in_batches)
     streams = [engine.open_stream(voice="ryan", seed=seed, max_frames=16) for seed in (11, 5)]
     for s in streams:
         s.push_text(TEXT)
@@ -308,7 +310,7 @@ def no_eos_engine(tiny_ckpt: Path) -> Engine:
         out[..., eos] = -1e9
         return out
 
-    eng.talker.codec_head.register_forward_hook(no_eos)
+    eng.backend.talker.codec_head.register_forward_hook(no_eos)
     yield eng
     eng.close()
 

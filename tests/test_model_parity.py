@@ -17,9 +17,9 @@ from oracle import qwen_tts
 from engine.checkpoint import random_config_dicts
 from engine.config import ModelConfig
 from engine.prompt import VoiceSpec, build_prefill, instruct_ids, resolve_language, role_ids
-from engine.sampling import talker_processors, warp
 from engine.text import TextTokenizer
 from engine.torch.model import Talker, TalkerCache
+from engine.torch.sampler import talker_processors, warp
 from engine.torch.weights import init_random_
 
 pytestmark = pytest.mark.oracle
@@ -213,7 +213,7 @@ def test_processed_logits_match_transformers() -> None:
     g = torch.Generator().manual_seed(0)
     vocab, eos = 3072, 2150
     suppress_ids = [i for i in range(vocab - 1024, vocab) if i != eos]
-    from engine.sampling import suppress_mask
+    from engine.torch.sampler import suppress_mask
 
     for trial in range(30):
         history = torch.randint(0, 2048, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g)

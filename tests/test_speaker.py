@@ -21,17 +21,9 @@ import soundfile as sf
 import torch
 from oracle import qwen_tts
 
+from engine.audio import AudioError, load_audio, mel_filterbank, prepare_audio
 from engine.config import SpeakerEncoderConfig
-from engine.torch.speaker import (
-    AudioError,
-    SpeakerEncoder,
-    extract_xvector,
-    load_audio,
-    mel_filterbank,
-    mel_spectrogram,
-    min_samples,
-    prepare_audio,
-)
+from engine.torch.speaker import SpeakerEncoder, extract_xvector, mel_spectrogram, min_samples
 
 TINY = SpeakerEncoderConfig(
     enc_dim=24,

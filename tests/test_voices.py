@@ -19,10 +19,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from engine.audio import AudioError
 from engine.prompt import build_prefill, resolve_language, role_ids
 from engine.sampling import SamplingParams
 from engine.scheduler import Engine, VoiceError
-from engine.torch.speaker import AudioError
 from engine.voices import VoiceStoreError
 
 GREEDY = SamplingParams(temperature=0.0, subtalker_temperature=0.0)
@@ -149,7 +149,9 @@ def test_clone_prefill_matches_official(
         lang_id=resolve_language(engine.cfg, "english", spec), queue=queue, mode=mode, text_complete=True,  # type: ignore[arg-type]
     )  # fmt: skip
     with torch.no_grad():
-        x = engine.talker.embed_slots(pre.slots, resolved.xvector, resolved.ref_codes)
+        xvec = torch.from_numpy(resolved.xvector) if resolved.xvector is not None else None
+        ref = torch.from_numpy(resolved.ref_codes) if resolved.ref_codes is not None else None
+        x = engine.backend.talker.embed_slots(pre.slots, xvec, ref)
     torch.testing.assert_close(x, seen["inputs_embeds"], rtol=1e-5, atol=1e-5)
 
 

@@ -31,9 +31,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from engine.prompt import PromptError
-from engine.scheduler import Engine, EngineError, OverloadedError, VoiceError
-from engine.stream import AudioChunk, InvalidTextError, Stream, check_text
+from engine import (
+    AudioChunk,
+    Engine,
+    EngineError,
+    InvalidTextError,
+    OverloadedError,
+    PromptError,
+    Stream,
+    VoiceError,
+    check_text,
+)
 from realtime.audio import ContainerEncoder, encode_pcm, wav_header
 from realtime.protocol import DEFAULT_LIMITS, Limits
 
