@@ -7,18 +7,27 @@ one full pass against `decoder(codes)`, streaming in any chunking against the of
 against each stream alone, slot reuse, priming, every compute path (GEMM / conv, tiled / not)
 and input validation.
 
+The one-pass, streaming, batching, reset and priming tests run once per backend (`backend`:
+the torch decoder, and the MLX one of engine/mlx/codec.py loaded from the same official state
+dict, seen through torch tensors); the compute-path, bf16 and key-layout tests are torch's own.
+
 Tolerance: fp32, absolute, on a waveform of std ~0.2 in [-1, 1]. Our products and the official
 ones sum in different orders (im2col GEMMs, another attention kernel, an fp64 RoPE angle), and
-streaming splits every layer's work differently again; measured max |diff| is ~6e-6.
+streaming splits every layer's work differently again; measured max |diff| is ~6e-6 (torch and
+MLX alike).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from oracle import qwen_tts
@@ -35,6 +44,10 @@ Q = 16
 # 2 KV heads) so the head grouping is tested too.
 TINY = codec_config_dict(tiny=True)["decoder_config"] | dict(num_key_value_heads=2)
 RELEASED = codec_config_dict(tiny=False)["decoder_config"]
+
+
+needs_mlx = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx is not installed")
+BACKENDS = ["torch", pytest.param("mlx", marks=needs_mlx)]
 
 
 def official_decoder_class() -> tuple[Any, Any]:
@@ -149,6 +162,57 @@ def ours(official: Any) -> CodecDecoder:
     return dec
 
 
+class MlxStreamsView:
+    """engine.mlx.codec.CodecStreams with torch codes in and torch samples out, so that the same
+    tests drive both backends."""
+
+    def __init__(self, streams: Any):
+        self.streams = streams
+
+    def decode(self, rows: Sequence[int], codes: torch.Tensor) -> torch.Tensor:
+        import mlx.core as mx
+
+        return torch.from_numpy(np.array(self.streams.decode(rows, mx.array(codes.numpy()))))
+
+    def prime(self, row: int, codes: torch.Tensor) -> None:
+        import mlx.core as mx
+
+        self.streams.prime(row, mx.array(codes.numpy()))
+
+    def reset(self, row: int) -> None:
+        self.streams.reset(row)
+
+    def frames(self, row: int) -> int:
+        return int(self.streams.frames(row))
+
+
+@dataclass
+class Backend:
+    """One backend's decoder on the official tiny weights: a one-pass decode and a streams factory."""
+
+    name: str
+    decode: Callable[[torch.Tensor], torch.Tensor]  # codes [B, Q, T] -> samples [B, T·1920]
+    streams: Callable[[int], Any]  # max_streams -> CodecStreams (or its torch view)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest, official: Any, ours: CodecDecoder) -> Backend:
+    if request.param == "torch":
+        return Backend("torch", ours, lambda n: CodecStreams(ours, max_streams=n))
+    import mlx.core as mx
+
+    from engine.mlx import codec as mlx_codec
+    from engine.mlx.audio_weights import Weights, from_torch
+
+    weights = Weights(from_torch(official.state_dict()), "official tiny decoder")
+    dec = mlx_codec.CodecDecoder(CodecDecoderConfig.from_dict(TINY, "tiny decoder_config"), weights)
+    return Backend(
+        "mlx",
+        lambda codes: torch.from_numpy(np.array(dec(mx.array(codes.numpy())))),
+        lambda n: MlxStreamsView(mlx_codec.CodecStreams(dec, n)),
+    )
+
+
 def make_codes(batch: int, frames: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2048, (batch, Q, frames), generator=torch.Generator().manual_seed(seed))
 
@@ -198,11 +262,11 @@ def test_signal_is_not_degenerate(official: Any, long_official: torch.Tensor) ->
 
 @pytest.mark.oracle
 @pytest.mark.parametrize(("batch", "frames"), [(1, 1), (2, 7), (1, 73), (2, 300)])
-def test_forward_matches_official(official: Any, ours: CodecDecoder, batch: int, frames: int) -> None:
+def test_forward_matches_official(official: Any, backend: Backend, batch: int, frames: int) -> None:
     codes = make_codes(batch, frames, seed=frames)
     with torch.no_grad():
         want = official(codes)[:, 0]
-    got = ours(codes)
+    got = backend.decode(codes)
     assert got.shape == (batch, frames * FRAME)
     assert_close(got, want)
 
@@ -215,6 +279,7 @@ CHUNKINGS = {
     "1": [1] * 300,
     "2": [2] * 150,
     "3": [3] * 100,
+    "4": [4] * 75,
     "8": [8] * 37 + [4],
     "random": random_chunks(300, seed=0),
     "mixed": [1, 71, 1, 1, 2, 72, 5, 3, 144],  # around the 72-frame window edges
@@ -224,21 +289,21 @@ CHUNKINGS = {
 @pytest.mark.oracle
 @pytest.mark.parametrize("name", list(CHUNKINGS))
 def test_streaming_matches_official_decode(
-    ours: CodecDecoder, long_codes: torch.Tensor, long_official: torch.Tensor, name: str
+    backend: Backend, long_codes: torch.Tensor, long_official: torch.Tensor, name: str
 ) -> None:
-    streams = CodecStreams(ours, max_streams=2)
+    streams = backend.streams(2)
     got = stream(streams, [1], long_codes, CHUNKINGS[name])
     assert_close(got, long_official)
     assert streams.frames(1) == 300
     assert streams.frames(0) == 0
 
 
-def test_interleaved_streams_equal_each_alone(ours: CodecDecoder) -> None:
+def test_interleaved_streams_equal_each_alone(backend: Backend) -> None:
     """3 streams, different codes, advanced in random subsets and chunk sizes, so rows at
     different positions (inside and past the 72-frame window) share one batched call."""
     lengths = [150, 97, 120]
     codes = [make_codes(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
-    streams = CodecStreams(ours, max_streams=4)
+    streams = backend.streams(4)
     rows = [3, 0, 2]  # stream i lives on row rows[i]
     done = [0, 0, 0]
     out: list[list[torch.Tensor]] = [[], [], []]
@@ -254,28 +319,28 @@ def test_interleaved_streams_equal_each_alone(ours: CodecDecoder) -> None:
             out[i].append(wav[j])
             done[i] += n
     for i in range(3):
-        assert_close(torch.cat(out[i]), ours(codes[i][None])[0])
+        assert_close(torch.cat(out[i]), backend.decode(codes[i][None])[0])
 
 
-def test_reset_makes_a_row_new(ours: CodecDecoder) -> None:
+def test_reset_makes_a_row_new(backend: Backend) -> None:
     a, b, c = make_codes(1, 90, seed=20), make_codes(1, 30, seed=21), make_codes(1, 40, seed=22)
-    streams = CodecStreams(ours, max_streams=2)
+    streams = backend.streams(2)
     first = streams.decode([0, 1], torch.cat([a[..., :40], c]))  # row 1 runs alongside row 0
     streams.reset(0)
     assert streams.frames(0) == 0 and streams.frames(1) == 40
-    assert_close(streams.decode([0], b), ours(b))  # row 0: fresh
+    assert_close(streams.decode([0], b), backend.decode(b))  # row 0: fresh
     rest = streams.decode([1], a[..., 40:])  # row 1: untouched by the reset
-    want = ours(torch.cat([c, a[..., 40:]], -1))
+    want = backend.decode(torch.cat([c, a[..., 40:]], -1))
     assert_close(torch.cat([first[1:], rest], -1), want)
 
 
-def test_prime_continues_the_reference(ours: CodecDecoder) -> None:
+def test_prime_continues_the_reference(backend: Backend) -> None:
     ref, new = make_codes(1, 80, seed=30), make_codes(1, 25, seed=31)
-    streams = CodecStreams(ours, max_streams=3)
+    streams = backend.streams(3)
     streams.prime(2, ref[0])
     assert streams.frames(2) == 80
     got = stream(streams, [2], new, [1, 4, 20])
-    assert_close(got, ours(torch.cat([ref, new], -1))[:, 80 * FRAME :])
+    assert_close(got, backend.decode(torch.cat([ref, new], -1))[:, 80 * FRAME :])
 
 
 @pytest.fixture(params=["plain", "gemm", "tiled"])
@@ -318,13 +383,13 @@ def test_bfloat16_runs_close_to_float32(official: Any) -> None:
 # Validation
 
 
-def test_bad_input_raises_value_error(ours: CodecDecoder) -> None:
-    streams = CodecStreams(ours, max_streams=2)
+def test_bad_input_raises_value_error(backend: Backend) -> None:
+    streams = backend.streams(2)
     ok = make_codes(1, 2, seed=50)
     with pytest.raises(ValueError, match="shape"):
         streams.decode([0], ok[:, :15])  # 15 codebooks
     with pytest.raises(ValueError, match="shape"):
-        ours(ok[0])  # no batch dimension
+        backend.decode(ok[0])  # no batch dimension
     with pytest.raises(ValueError, match=r"\[0, 2048\)"):
         streams.decode([0], ok.clone().fill_(2048))
     with pytest.raises(ValueError, match=r"\[0, 2048\)"):
@@ -341,7 +406,8 @@ def test_bad_input_raises_value_error(ours: CodecDecoder) -> None:
         streams.reset(-1)
     with pytest.raises(ValueError, match="prime"):
         streams.prime(0, ok)  # [1, Q, n] instead of [Q, n]
-    with pytest.raises(ValueError, match="move it"):
-        CodecStreams(ours, 1, dtype=torch.bfloat16)
+    if backend.name == "torch":  # MLX streams take the decoder's dtype: nothing to mismatch
+        with pytest.raises(ValueError, match="move it"):
+            CodecStreams(backend.decode, 1, dtype=torch.bfloat16)  # type: ignore[arg-type]
     assert streams.frames(0) == 0 and streams.frames(1) == 0  # failed calls changed nothing
     assert streams.decode([0], ok[..., :0]).shape == (1, 0)
