@@ -6,11 +6,18 @@ loads exactly its `encoder.*` tensors with strict=True. Compared: checkpoint key
 (EncodecFeatureExtractor, padding mask, trim), pre-quantization latents, the padded-batch path,
 config variants (an ignored sliding window, GQA, a deeper SEANet, no VQ projection), the
 released widths, the frame-count rule and input validation.
+
+Codes, latents, config variants and the released widths are checked once per backend
+(`backend`: torch, and the MLX encoder of engine/mlx/codec_encoder.py loaded from the same
+state dict); the batch path and input validation are torch's own API.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,7 +27,7 @@ from oracle import qwen_tts
 
 from engine.checkpoint import codec_config_dict
 from engine.config import SpeechTokenizerConfig
-from engine.torch.codec_encoder import CodecEncoder
+from engine.torch.codec_encoder import CodecEncoder, MimiEncoderConfig
 
 SR = 24000
 FRAME = 1920
@@ -29,6 +36,12 @@ NUM_CODEBOOKS = 16
 # room for another BLAS. Codes must be identical regardless.
 LATENT_RTOL = 1e-5
 LATENT_ATOL = 1e-5
+# MLX sums its convolutions and attention in other orders: fp32 rounding, relative to the
+# latents' scale (max |latent| 4-20 on these signals; measured max |diff| <= 2e-5, about 1.3e-6
+# of the scale).
+MLX_LATENT_ATOL_PER_SCALE = 1e-5
+needs_mlx = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx is not installed")
+BACKENDS = ["torch", pytest.param("mlx", marks=needs_mlx)]
 
 
 def make_signal(kind: str, n: int, seed: int = 0) -> np.ndarray:
@@ -109,6 +122,33 @@ def encoder_state(official_model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for k, v in official_model.state_dict().items()
         if k.startswith("encoder.")
     }
+
+
+class MlxEncoderView:
+    """engine.mlx.codec_encoder.CodecEncoder through torch's batch-of-one interface."""
+
+    def __init__(self, encoder: Any):
+        self.encoder = encoder
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [1, N] -> [1, T, Q]
+        return torch.from_numpy(self.encoder.encode(x[0].numpy()))[None]
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:  # [1, N] -> [1, D, T]
+        return torch.from_numpy(np.array(self.encoder.latents(x[0].numpy())).T)[None]
+
+
+def make_encoder(backend: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> Any:
+    """An encoder of `backend` with the config dict `config` loaded strictly from `state`."""
+    if backend == "torch":
+        enc = CodecEncoder(config).eval()
+        enc.load_state_dict(state, strict=True)
+        return enc
+    from engine.mlx.audio_weights import Weights, from_torch
+    from engine.mlx.codec_encoder import CodecEncoder as MlxCodecEncoder
+
+    return MlxEncoderView(
+        MlxCodecEncoder(config, NUM_CODEBOOKS, Weights(from_torch(state), "official encoder"))
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -195,8 +235,15 @@ SIGNALS = [
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("kind", "n"), SIGNALS, ids=[f"{k}-{n}" for k, n in SIGNALS])
-def test_codes_and_latents_match_official(official: Any, ours: CodecEncoder, kind: str, n: int) -> None:
+def test_codes_and_latents_match_official(
+    official: Any, ours: CodecEncoder, backend: str, kind: str, n: int
+) -> None:
+    if backend != "torch":
+        ours = make_encoder(
+            backend, codec_config_dict(tiny=True)["encoder_config"], encoder_state(official.model)
+        )
     wav = make_signal(kind, n)
     captured: dict[str, torch.Tensor] = {}
     hook = official.model.encoder.downsample.register_forward_hook(
@@ -212,7 +259,9 @@ def test_codes_and_latents_match_official(official: Any, ours: CodecEncoder, kin
     assert got.dtype == torch.int64
     assert got.shape == (1, math.ceil(n / FRAME), NUM_CODEBOOKS) == (1, *want.shape)
     assert torch.equal(got[0], want)
-    torch.testing.assert_close(ours.latents(x), captured["latents"], rtol=LATENT_RTOL, atol=LATENT_ATOL)
+    want_latents = captured["latents"]
+    atol = LATENT_ATOL if backend == "torch" else MLX_LATENT_ATOL_PER_SCALE * want_latents.abs().max().item()
+    torch.testing.assert_close(ours.latents(x), want_latents, rtol=LATENT_RTOL, atol=atol)
 
     if n >= SR:  # the comparison is meaningful: every codebook uses many different codes
         t = got.shape[1]
@@ -249,12 +298,12 @@ VARIANTS = {
 
 
 @pytest.mark.oracle
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_config_variants_match_official(variant: str) -> None:
+def test_config_variants_match_official(variant: str, backend: str) -> None:
     enc_dict = dict(codec_config_dict(tiny=True)["encoder_config"], **VARIANTS[variant])
     official = official_encoder(enc_dict, seed=3)
-    ours = CodecEncoder(enc_dict).eval()
-    ours.load_state_dict(official.state_dict(), strict=True)
+    ours = make_encoder(backend, enc_dict, official.state_dict())
 
     x = torch.from_numpy(make_signal("mix", int(1.37 * SR)))[None]
     got = ours.encode(x)
@@ -263,14 +312,12 @@ def test_config_variants_match_official(variant: str) -> None:
 
 
 @pytest.mark.oracle
-def test_released_shape_matches_official() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_released_shape_matches_official(backend: str) -> None:
     """Released widths (8 heads x 64, 64 filters, 256-dim codebooks) on a short clip."""
     enc_dict = codec_config_dict(tiny=False)["encoder_config"]
     official = official_encoder(enc_dict)
-    with torch.device("meta"):
-        ours = CodecEncoder(enc_dict)
-    ours.load_state_dict(official.state_dict(), strict=True, assign=True)
-    ours.eval()
+    ours = make_encoder(backend, enc_dict, official.state_dict())
 
     x = torch.from_numpy(make_signal("mix", 9000))[None]  # 4.7 frames
     got = ours.encode(x)
@@ -341,3 +388,21 @@ def test_unsupported_config_raises_value_error() -> None:
         CodecEncoder(dict(base, codebook_dim=8))
     with pytest.raises(ValueError, match="num_codebooks"):
         CodecEncoder(base, num_codebooks=33)
+
+
+@needs_mlx
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "released"])
+@pytest.mark.parametrize("variant", [{}, *VARIANTS.values()])
+def test_mlx_config_copy_equals_torch_config(tiny: bool, variant: dict[str, Any]) -> None:
+    """engine/mlx/mimi_config.py is a torch-free copy of MimiEncoderConfig: it must not drift."""
+    from engine.mlx.mimi_config import MimiEncoderConfig as MlxMimiEncoderConfig
+
+    d = dict(codec_config_dict(tiny)["encoder_config"], **variant)
+    want = MimiEncoderConfig.from_dict(d)
+    got = MlxMimiEncoderConfig.from_dict(d)
+    assert dataclasses.asdict(got) == dataclasses.asdict(want)
+    assert (got.hop_length, got.downsample_kernel, got.samples_per_frame) == (
+        want.hop_length,
+        want.downsample_kernel,
+        want.samples_per_frame,
+    )
