@@ -87,26 +87,32 @@ def test_random_spec_has_the_torch_backends_random_weights() -> None:
     theirs = load_torch_talker(ck, torch.device("cpu"), torch.float32)
     ours = load_mlx_talker(ck)
     # end_after_text_ shapes the EOS row of the codec head: the MLX weights must carry it too.
-    np.testing.assert_array_equal(np.array(ours.codec_head_weight), theirs.codec_head.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        np.array(ours.codec_head_weight).T, theirs.codec_head.weight.detach().numpy()
+    )
     np.testing.assert_array_equal(
         np.array(ours.text_embedding), theirs.model.text_embedding.weight.detach().numpy()
     )
     layer = ours.code_predictor.model.layers[0]
     q = theirs.code_predictor.model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    np.testing.assert_array_equal(np.array(layer.qkv)[: q.shape[0]], q)
+    np.testing.assert_array_equal(np.array(layer.qkv)[:, : q.shape[0]].T, q)
 
 
 # ---- teacher-forced logits ----------------------------------------------------------------------
 
 
-def test_teacher_forced_logits_match_torch(ckpt: Checkpoint, tokenizer: TextTokenizer) -> None:
+@pytest.mark.parametrize("contiguous", [True, False], ids=["cpu-layout", "view-layout"])
+def test_teacher_forced_logits_match_torch(
+    ckpt: Checkpoint, tokenizer: TextTokenizer, contiguous: bool
+) -> None:
     """Three prompts of different lengths prefilled into rows 3, 0 and 1 of 4 (one batch), then
     steps on the span [0, 4) where row 2 is empty and, from step 3 on, row 1 sits out; at every
     step the talker logits of each running row and the 15 code-predictor logits of its frame
-    match torch, both fed torch's greedy codes (teacher forcing)."""
+    match torch, both fed torch's greedy codes (teacher forcing). Both weight layouts: the CPU's
+    [in, out] copies and the transposed checkpoint views the GPU reads."""
     cfg = ckpt.config.talker
     theirs = load_torch_talker(ckpt, torch.device("cpu"), torch.float32)
-    ours = load_mlx_talker(ckpt)
+    ours = load_mlx_talker(ckpt, contiguous=contiguous)
     rows = [3, 0, 1]
     prompts = [_prefill_for(ckpt, tokenizer, t).slots for t in TEXTS]
     with torch.no_grad():

@@ -81,7 +81,7 @@ class MlxBackend:
         self.max_streams = max_streams
         tcfg = self.cfg.talker
         with mx.stream(self.mx_device):
-            self.talker = load_talker(checkpoint, self.dtype)
+            self.talker = load_talker(checkpoint, self.dtype, contiguous=self.device == "cpu")
             self.cache = TalkerCache(tcfg.transformer, max_streams, kv_capacity, self.dtype)
             self._suppress = suppress_mask(tcfg.vocab_size, tcfg.codec_eos_id)
             mx.eval(self._suppress)  # built here, used in the worker thread: see the module doc

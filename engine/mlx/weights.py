@@ -103,16 +103,19 @@ def _random_talker_tensors(ckpt: Checkpoint) -> dict[str, mx.array]:
 
     talker = load_torch_talker(ckpt, torch.device("cpu"), torch.float32)
     tensors = {f"talker.{k}": v.contiguous() for k, v in talker.state_dict().items()}
+    del talker
     with tempfile.TemporaryDirectory(prefix="mlx-random-") as d:
         path = Path(d) / "model.safetensors"
         save_file(tensors, str(path), metadata={"format": "pt"})
+        del tensors
         state = read_prefixed(path, "talker.")
         mx.eval(state)  # materialize before the file goes away
     return state
 
 
-def load_talker(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Talker:
-    """The talker (with its code predictor) of `ckpt`, floating tensors cast to `dtype`."""
+def load_talker(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, *, contiguous: bool = True) -> Talker:
+    """The talker (with its code predictor) of `ckpt`, floating tensors cast to `dtype`;
+    `contiguous`: linear weights copied to [in, out] (the CPU layout, see engine.mlx.model)."""
     cfg = ckpt.config.talker
     if ckpt.is_random:
         state, where = _random_talker_tensors(ckpt), ckpt.name
@@ -120,7 +123,7 @@ def load_talker(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Talker:
         state, where = read_prefixed(ckpt.weights_file, "talker."), str(ckpt.weights_file)
     check_tensors(state, talker_shapes(cfg), where)
     state = {k: v.astype(dtype) for k, v in state.items()}
-    talker = Talker(cfg, state)
+    talker = Talker(cfg, state, contiguous=contiguous)
     # Materialize now (concatenated q/k/v and gate/up, RoPE tables): loading errors surface here,
     # the per-key source arrays are released, and no lazy array made in this thread is left for
     # another to evaluate (MLX evaluates a graph on the stream of the thread that built it).
