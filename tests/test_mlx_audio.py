@@ -222,3 +222,15 @@ def test_mlx_loader_refuses_mismatched_weights(base_dir: Path) -> None:
         mlx_codec.CodecDecoder(cfg, Weights(decoder | {"pre_conv.conv.weight": mx.zeros((1, 2, 3))}, "x"))
     with pytest.raises(CheckpointError, match="no speaker encoder"):
         mlx_speaker.load_speaker_encoder(load_checkpoint("random:tiny"))
+
+
+def test_mlx_bfloat16_runs_close_to_float32() -> None:
+    """The decoder in bf16 (weights, activations and state): audio close to fp32, as torch's."""
+    ckpt = load_checkpoint("random:tiny")
+    fp32, bf16 = mlx_codec.load_codec_decoder(ckpt), mlx_codec.load_codec_decoder(ckpt, mx.bfloat16)
+    codes = mx.array(np.random.default_rng(1).integers(0, 2048, (1, Q, 20)))
+    streams = mlx_codec.CodecStreams(bf16, 1)
+    parts = [streams.decode([0], codes[..., :3]), streams.decode([0], codes[..., 3:])]
+    assert parts[0].dtype == mx.bfloat16
+    err = np.abs(np.array(mx.concatenate(parts, -1).astype(mx.float32)) - np.array(fp32(codes)))
+    assert err.mean() < 0.05 and err.max() < 0.5
