@@ -34,7 +34,7 @@ buffers recomputed by `prepare()`, which `load_state_dict` runs automatically.
 Speed (CPU; on CUDA the plain kernels are used): a streaming call decodes a few frames, so the
 first layers multiply a few activation rows by large weights and are bound by reading them
 (`matmul`), while the last blocks are bound by arithmetic on many samples (`_tail`). See
-`engine/torch/bench_codec.py` for the measurements.
+`engine/bench_codec.py` for the measurements.
 """
 
 from __future__ import annotations

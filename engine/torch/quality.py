@@ -50,6 +50,7 @@ class Agreement:
     test_sq: float = 0.0
     cosine_min: float = 1.0  # worst single logit vector
     same_top1: int = 0
+    tv_sum: float = 0.0  # total variation between the softmax distributions, summed over vectors
     count: int = 0
 
     def add(self, ref: Tensor, test: Tensor, allowed: Tensor | None = None) -> None:
@@ -62,6 +63,8 @@ class Agreement:
         self.cosine_min = min(self.cosine_min, float(F.cosine_similarity(ref, test, dim=-1).min()))
         if allowed is not None:
             ref, test = ref.masked_fill(~allowed, -torch.inf), test.masked_fill(~allowed, -torch.inf)
+        # 1 - TV is the chance that one shared random draw samples the same id from both.
+        self.tv_sum += float(0.5 * (ref.softmax(-1) - test.softmax(-1)).abs().sum(-1).sum())
         self.same_top1 += int((ref.argmax(-1) == test.argmax(-1)).sum())
         self.count += ref.shape[0]
 
@@ -72,6 +75,7 @@ class Agreement:
             "cosine": round(cos, 6),
             "cosine_min": round(self.cosine_min, 6),
             "top1_agreement": round(self.same_top1 / max(1, self.count), 4),
+            "sample_agreement": round(1.0 - self.tv_sum / max(1, self.count), 4),
             "count": self.count,
         }
 

@@ -1,6 +1,6 @@
 """Codec decoder speed at the released shape (random weights): ours, streaming, vs the official.
 
-    python -m engine.torch.bench_codec [--threads 2] [--official-frames 50] [--dtype float32]
+    python -m engine.bench_codec [--threads 2] [--official-frames 50] [--dtype float32]
 
 Prints ms per decoded frame (80 ms of audio per stream): the official `decoder(codes)` on one
 block of frames (what `Qwen3TTSTokenizerV2Model.decode` runs for <= 300 frames), our full pass on
