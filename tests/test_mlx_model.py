@@ -439,3 +439,49 @@ def test_precision_and_device_choices(tiny: Checkpoint, tokenizer: TextTokenizer
     assert bf16.precision == "bf16" and bf16.talker.codec_head_weight.dtype == mx.bfloat16
     codes = drive(bf16, tiny, tokenizer, [(0, TEXTS[2], GREEDY)], 8)[0]
     assert codes.shape[1] == 16 and (codes >= 0).all() and (codes[:, 1:] < 2048).all()
+
+
+# ---- codec rows and cloning through the backend -------------------------------------------------
+
+
+def test_codec_rows_and_icl_prime_through_the_backend(tiny: Checkpoint, tokenizer: TextTokenizer) -> None:
+    """An ICL prime given at prefill (before the codec has loaded) is heard before the row's first
+    frame; a later prefill into the same row resets it. Driven from a worker thread."""
+    from engine.mlx.codec import CodecStreams, load_codec_decoder
+
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0, 2048, (5, 16))
+    codes = rng.integers(0, 2048, (2, 16, 3))
+    slots = _prefill_for(tiny, tokenizer, TEXTS[2]).slots
+    mlx = MlxBackend(tiny, max_streams=3, kv_capacity=64)
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        icl = ResolvedVoice(spec=None, ref_codes=ref)
+        mlx.prefill([PrefillRow(mlx.new_row_state(GREEDY), 1, 1, slots, icl)])
+        first = mlx.decode([1, 0], codes)
+        mlx.prefill([PrefillRow(mlx.new_row_state(GREEDY), 1, 1, slots, ResolvedVoice(spec=None))])
+        return first, mlx.decode([1], codes[:1])
+
+    first, fresh = in_thread(run)
+    streams = CodecStreams(load_codec_decoder(tiny), 3)
+    streams.prime(1, mx.array(ref.T))
+    np.testing.assert_array_equal(first, np.array(streams.decode([1, 0], mx.array(codes))))
+    streams.reset(1)
+    np.testing.assert_array_equal(fresh, np.array(streams.decode([1], mx.array(codes[:1]))))
+    assert first.dtype == np.float32 and first.shape == (2, 3 * 1920)
+
+
+def test_clone_encode_from_any_thread(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from engine.mlx.codec_encoder import load_codec_encoder
+    from engine.mlx.speaker import extract_xvector, load_speaker_encoder
+
+    base = read_checkpoint_dir(write_random_checkpoint(tmp_path_factory.mktemp("tiny-base"), "tiny", "base"))
+    mlx = MlxBackend(base, max_streams=1, kv_capacity=32)
+    wav = (0.1 * np.random.default_rng(4).standard_normal(24000)).astype(np.float32)
+    xvec, codes = in_thread(lambda: mlx.clone_encode(wav, with_codes=True))  # loads the encoders there
+    again, none = in_thread(lambda: mlx.clone_encode(wav, with_codes=False))  # another thread uses them
+    assert none is None and codes is not None
+    np.testing.assert_array_equal(again, xvec)
+    np.testing.assert_array_equal(xvec, extract_xvector(load_speaker_encoder(base), wav))
+    np.testing.assert_array_equal(codes, load_codec_encoder(base).encode(wav))
+    assert xvec.dtype == np.float32 and codes.dtype == np.int64 and codes.shape == (13, 16)

@@ -208,7 +208,7 @@ class MlxBackend:
             from engine.mlx.codec import CodecStreams, load_codec_decoder
 
             with mx.stream(self.mx_device):
-                streams = CodecStreams(load_codec_decoder(self.checkpoint), self.max_streams)
+                streams = CodecStreams(load_codec_decoder(self.checkpoint, self.dtype), self.max_streams)
                 for row, ref in self._pending_primes.items():
                     streams.prime(row, mx.array(np.ascontiguousarray(ref.T, dtype=np.int32)))
             self._codec_streams, self._pending_primes = streams, {}
