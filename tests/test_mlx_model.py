@@ -428,6 +428,22 @@ def test_move_and_grow_keep_the_cache(tiny: Checkpoint, tokenizer: TextTokenizer
     np.testing.assert_array_equal(grown, reference)
 
 
+def test_cache_refuses_writes_outside_it(tiny: Checkpoint) -> None:
+    """MLX scatters are not bounds-checked: a write past the capacity or the rows must raise
+    (torch raises IndexError) instead of landing in another row."""
+    cache = mm.TalkerCache(tiny.config.talker.transformer, 2, 8, mx.float32)
+    with pytest.raises(ValueError):
+        cache.bind(0, 2, np.array([[3], [8]]))
+    with pytest.raises(ValueError):
+        cache.bind(1, 3, np.array([[3], [4]]))
+    k = mx.zeros((1, tiny.config.talker.transformer.num_kv_heads, 9, tiny.config.talker.transformer.head_dim))
+    with pytest.raises(ValueError):
+        cache.prefill([0]).update(0, k, k)
+    with pytest.raises(ValueError):
+        cache.prefill([2]).update(0, k[:, :, :4], k[:, :, :4])
+    cache.bind(0, 2, np.array([[3], [7]]))  # the last position fits
+
+
 def test_precision_and_device_choices(tiny: Checkpoint, tokenizer: TextTokenizer) -> None:
     with pytest.raises(BackendError):
         MlxBackend(tiny, max_streams=1, kv_capacity=32, precision="int8")

@@ -361,6 +361,9 @@ class RowSpanStore(KVStore):
         self.cache, self.r0, self.r1 = cache, r0, r1
         self.pos = np.asarray(positions, dtype=np.int64)  # [B, T]
         self.span = int(self.pos.max()) + 1
+        if self.span > cache.capacity or not 0 <= r0 < r1 <= cache.slots:
+            # MLX does not bounds-check scatters: refuse here instead of corrupting another row.
+            raise ValueError(f"rows [{r0}, {r1}) at positions < {self.span} do not fit the cache")
         keys = np.arange(self.span)
         # A query at position p sees keys 0..p of its own row.
         self.mask = mx.array(keys[None, None, None, :] <= self.pos[:, None, :, None])  # [B, 1, T, span]
@@ -389,9 +392,17 @@ class PrefillStore(KVStore):
 
     def __init__(self, cache: TalkerCache, rows: list[int]):
         self.cache, self.rows = cache, mx.array(rows)
+        self.bad_rows = [r for r in rows if not 0 <= r < cache.slots]
+
+    def _check(self, t: int) -> None:
+        if t > self.cache.capacity or self.bad_rows:  # MLX does not bounds-check scatters
+            raise ValueError(
+                f"a {t}-position prefill into rows {self.bad_rows or '...'} does not fit the cache"
+            )
 
     def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, Mask]:
         t = k.shape[2]
+        self._check(t)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.rows, :, :t] = k
         vc[self.rows, :, :t] = v
