@@ -209,3 +209,49 @@ def test_bf16_codec_snr_passes_and_a_wrong_codec_fails() -> None:
     assert codec_report(ref, bf16)["snr_db"] >= THRESHOLDS["codec_snr_db_min"]
     other = load_codec_decoder(load_checkpoint("random:tiny", random_seed=5), CPU, torch.bfloat16)
     assert codec_report(ref, other)["snr_db"] < THRESHOLDS["codec_snr_db_min"]
+
+
+@needs_int8
+def test_backend_reports_its_precision_and_kernels() -> None:
+    from engine.torch.runner import TorchBackend
+
+    b = TorchBackend(
+        load_checkpoint("random:tiny"), max_streams=1, kv_capacity=16, device="cpu", precision="int8"
+    )
+    d = b.describe()
+    assert d["precision"] == "int8" and "int8" in d["kernels"]["talker"]
+    assert b.codec_streams.state["frames"].shape == (1,)
+    assert next(b.codec.parameters()).dtype == plan_precision("int8", CPU).codec_dtype
+
+
+def _cached_real_model() -> str:
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    name = os.environ.get("TTS_REAL_MODEL", "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pytest.skip(f"{name} is not in the local Hugging Face cache")
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_real_weights_quality_report_passes(mode: str) -> None:
+    """The same report on real weights: the better judge of what `auto` may pick."""
+    path = _cached_real_model()
+    try:
+        plan = plan_precision(mode, CPU)
+    except PrecisionError as e:
+        pytest.skip(str(e))
+    ckpt = load_checkpoint(path)
+    base = load_talker(ckpt, CPU, torch.float32)
+    ref = copy.deepcopy(base).to_inference(groups=1)
+    test = to_precision(base.to(plan.dtype), plan, CPU)
+    report = model_report(ref, test, plan.dtype, rows=4, steps=GREEDY_FORCED_STEPS)
+    del ref, test
+    codec_ref = load_codec_decoder(ckpt, CPU, torch.float32)
+    report["codec"] = codec_report(codec_ref, load_codec_decoder(ckpt, CPU, plan.codec_dtype))  # type: ignore[assignment]
+    assert all(passes(report).values()), report

@@ -54,6 +54,7 @@ class TorchBackend:
         models = load_models(checkpoint, self.torch_device, precision)
         self.talker, self.codec = models.talker, models.codec
         self.dtype, self.precision = models.dtype, models.precision
+        self.kernels = dict(models.kernels)  # phase -> kernel chosen for this CPU/GPU (describe())
         self.device = str(self.torch_device)
         tcfg = self.cfg.talker
         self.cache = TalkerCache(tcfg.transformer, max_streams, kv_capacity, self.torch_device, self.dtype)
@@ -70,7 +71,12 @@ class TorchBackend:
         return self.cache.capacity
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision}
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "precision": self.precision,
+            "kernels": self.kernels,
+        }
 
     # ---- per-stream state ---------------------------------------------------------------------
 
