@@ -450,7 +450,9 @@ def test_precision_and_device_choices(tiny: Checkpoint, tokenizer: TextTokenizer
     with pytest.raises(BackendError):
         MlxBackend(tiny, max_streams=1, kv_capacity=32, device="tpu")
     fp32 = MlxBackend(tiny, max_streams=1, kv_capacity=32, device="cpu")
-    assert fp32.describe() == {"backend": "mlx", "device": "cpu", "precision": "fp32"}
+    assert fp32.describe() == {
+        "backend": "mlx", "device": "cpu", "precision": "fp32", "kernels": {"talker": "fp32", "codec": "fp32"},
+    }  # fmt: skip
     bf16 = MlxBackend(tiny, max_streams=1, kv_capacity=32, device="cpu", precision="bf16")
     assert bf16.precision == "bf16" and bf16.talker.codec_head_weight.dtype == mx.bfloat16
     codes = drive(bf16, tiny, tokenizer, [(0, TEXTS[2], GREEDY)], 8)[0]

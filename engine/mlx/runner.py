@@ -98,7 +98,9 @@ class MlxBackend:
         return self.cache.capacity
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision}
+        # Every phase runs in the one resolved dtype (the codec decoder included), as MLX kernels.
+        kernels = {"talker": self.precision, "codec": self.precision}
+        return {"backend": self.name, "device": self.device, "precision": self.precision, "kernels": kernels}
 
     # ---- per-stream state ---------------------------------------------------------------------
 
