@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -234,3 +235,28 @@ def test_mlx_bfloat16_runs_close_to_float32() -> None:
     assert parts[0].dtype == mx.bfloat16
     err = np.abs(np.array(mx.concatenate(parts, -1).astype(mx.float32)) - np.array(fp32(codes)))
     assert err.mean() < 0.05 and err.max() < 0.5
+
+
+def test_mlx_models_loaded_in_one_thread_run_in_another(base_dir: Path) -> None:
+    """The engine loads models in one thread and runs them in its worker thread: nothing lazy
+    may be left in a loaded model (MLX evaluates a lazy array on its builder thread's stream)."""
+    ckpt = load_checkpoint(str(base_dir))
+    decoder = mlx_codec.load_codec_decoder(ckpt)
+    encoder = mlx_codec_encoder.load_codec_encoder(ckpt)
+    speaker = mlx_speaker.load_speaker_encoder(ckpt)
+    wav = make_signal("mix", 24000)
+    out: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            codes = encoder.encode(wav)
+            out["xvector"] = mlx_speaker.extract_xvector(speaker, wav)
+            out["wav"] = np.array(mlx_codec.CodecStreams(decoder, 2).decode([1], mx.array(codes.T[None])))
+        except Exception as e:  # reported below, with the thread's own message
+            out["error"] = repr(e)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert "error" not in out, out["error"]
+    assert out["wav"].shape == (1, 13 * FRAME)  # type: ignore[union-attr]

@@ -51,6 +51,34 @@ class Weights:
             raise CheckpointError(f"{self.where}: {len(left)} unexpected tensors, e.g. {', '.join(left[:3])}")
 
 
+def evaluate_arrays(model: object) -> None:
+    """Evaluate every array a model object holds (attributes, lists, tuples, dicts, nested
+    objects): the layouts derived at load time are computed once, here, in the loading thread,
+    and the raw checkpoint arrays can be freed. (MLX evaluates a lazy array on the stream of the
+    thread that built it, so nothing lazy may cross into the engine's worker thread.)"""
+    arrays: list[mx.array] = []
+    seen: set[int] = set()
+
+    def walk(x: object) -> None:
+        if id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, mx.array):
+            arrays.append(x)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif hasattr(x, "__dict__") and type(x).__module__.startswith("engine."):
+            for v in vars(x).values():
+                walk(v)
+
+    walk(model)
+    mx.eval(arrays)
+
+
 def read_prefixed(path: Path, prefix: str) -> dict[str, mx.array]:
     """The tensors of a safetensors file under `prefix`, with the prefix removed."""
     try:

@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint
 from engine.config import CodecDecoderConfig
-from engine.mlx.audio_weights import Weights, checkpoint_weights
+from engine.mlx.audio_weights import Weights, checkpoint_weights, evaluate_arrays
 from engine.mlx.codec_layers import (
     CausalConv,
     CausalTransConv,
@@ -242,6 +242,7 @@ class CodecDecoder:
         self.act_out = SnakeBeta(w, f"decoder.{len(rates) + 1}", dims[-1])
         self.conv_out = CausalConv(w, f"decoder.{len(rates) + 2}", dims[-1], 1, 7)
         w.finish()
+        evaluate_arrays(self)
 
     def _stateful(self) -> Iterator[CausalConv | CausalTransConv | Attention]:
         yield self.pre_conv
@@ -260,6 +261,7 @@ class CodecDecoder:
             shape = layer.state_shape()
             if shape is not None:
                 tensors[layer.state_key] = mx.zeros((batch, *shape), dtype=self.dtype)
+        mx.eval(tensors)  # made here, possibly used from another thread (see evaluate_arrays)
         return StreamState(np.zeros(batch, dtype=np.int64), tensors)
 
     def check_codes(self, codes: mx.array) -> None:

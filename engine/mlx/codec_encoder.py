@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint
 from engine.config import SpeechTokenizerConfig
-from engine.mlx.audio_weights import Weights, checkpoint_weights
+from engine.mlx.audio_weights import Weights, checkpoint_weights, evaluate_arrays
 from engine.mlx.codec_layers import Linear, gelu
 from engine.mlx.mimi_config import MimiEncoderConfig
 
@@ -238,6 +238,7 @@ class CodecEncoder:
             w, q, cfg, cfg.num_quantizers - n_sem, max(0, num_codebooks - n_sem)
         )
         w.finish()
+        evaluate_arrays(self)
 
     @classmethod
     def from_config(cls, config: SpeechTokenizerConfig, weights: Weights) -> CodecEncoder:

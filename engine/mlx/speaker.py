@@ -20,7 +20,7 @@ import numpy as np
 from engine.audio import HOP_LENGTH, N_FFT, WIN_LENGTH, AudioError, mel_filterbank
 from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import SpeakerEncoderConfig
-from engine.mlx.audio_weights import Weights, checkpoint_weights
+from engine.mlx.audio_weights import Weights, checkpoint_weights, evaluate_arrays
 
 
 def mel_spectrogram(wav: np.ndarray) -> np.ndarray:
@@ -133,6 +133,7 @@ class SpeakerEncoder:
         self.asp_conv = Conv(w, "asp.conv", cfg.enc_attention_channels, ch[-1])
         self.fc = Conv(w, "fc", 2 * ch[-1], cfg.enc_dim)
         w.finish()
+        evaluate_arrays(self)
 
     @property
     def min_frames(self) -> int:
