@@ -169,6 +169,29 @@ def test_teacher_forced_logits_match_torch(
             row_len[r] += 1
 
 
+@pytest.mark.parametrize("mode", ["streaming", "full"])
+def test_clone_prompt_embeddings_match_torch(ckpt: Checkpoint, tokenizer: TextTokenizer, mode: str) -> None:
+    """Base-model prompts: the x-vector slot and the ICL reference frames (16 summed code
+    embeddings per frame) embed as torch embeds them."""
+    cfg = ckpt.config
+    theirs = load_torch_talker(ckpt, torch.device("cpu"), torch.float32)
+    ours = load_mlx_talker(ckpt)
+    rng = np.random.default_rng(5)
+    xvec = rng.standard_normal(cfg.talker.transformer.hidden_size).astype(np.float32)
+    ref = rng.integers(0, 2048, (6, 16))
+    spec = VoiceSpec(
+        name="clone", has_xvector=True, ref_text_ids=tuple(tokenizer.encode("A reference.")), ref_frames=6
+    )
+    pre = build_prefill(
+        cfg, role=role_ids(cfg, tokenizer.encode("assistant\n")), instruct=None, voice=spec, lang_id=None,
+        queue=[*spec.ref_text_ids, *tokenizer.encode(TEXTS[0])], mode=mode, text_complete=True,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert any(s.ref_frame is not None for s in pre.slots) and any(s.speaker for s in pre.slots)
+    with torch.no_grad():
+        expected = theirs.embed_slots(pre.slots, torch.from_numpy(xvec), torch.from_numpy(ref))[0]
+    close(expected, ours.embed_slots(pre.slots, xvec, ref))
+
+
 def _frame_both(theirs: tm.Talker, ours: mm.Talker, h_t: torch.Tensor, h_m: Any, c0: int) -> tuple[Any, Any]:
     """One frame through both code predictors, MLX fed torch's greedy codes; logits compared."""
     t_logits: list[torch.Tensor] = []
