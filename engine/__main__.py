@@ -2,6 +2,7 @@
 
 python -m engine --model M --voice V --language L --text T --out F.wav
 python -m engine bench --model random:0.6b
+python -m engine bench-backends --model random:0.6b --backends torch,mlx
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "bench-backends":
+        from engine.bench_backends import main as backends_main
+
+        return backends_main(argv[1:])
     return synth_main(argv)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from engine.backend import Backend, PrefillRow, StepRow
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.prompt import Prefill
+from engine.prompt import Prefill, PromptError, build_prefill
 from engine.sampling import MIN_NEW_TOKENS
 from engine.stats import EngineStats
 from engine.stream import AudioChunk, State, Stream, Utterance
@@ -67,13 +67,45 @@ class Phases:
     max_queued_chunks: int
     budget_frames_per_token: float | None
     budget_base_frames: int
+    prefill_tokens_per_step: int
+    _role: list[int]
     _cond: threading.Condition
     _active: list[Stream]
 
     def _maybe_finish(self, s: Stream) -> None:  # defined by Engine
         raise NotImplementedError
 
+    def _startable(self, s: Stream) -> bool:  # defined by Engine
+        raise NotImplementedError
+
     # ---- prefill --------------------------------------------------------------------------------
+
+    def _pick_prefills(self) -> list[tuple[Stream, Prefill]]:
+        """Waiting streams whose utterance can start, with their prefill layouts, within this
+        step's token budget (always at least one, so a long prompt still gets its turn)."""
+        picked: list[tuple[Stream, Prefill]] = []
+        tokens = 0
+        # Streams still waiting for their first audio go first (sorted() is stable).
+        for s in sorted(self._active, key=lambda s: s.emitted_any):
+            if s.state is not State.WAITING or not self._startable(s):
+                continue
+            utt = s.utterances[0]
+            opts = s.options
+            try:
+                pre = build_prefill(
+                    self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
+                    voice=opts.voice.spec, lang_id=opts.lang_id, queue=list(utt.ids), mode=opts.text_mode,
+                    text_complete=utt.complete,
+                )  # fmt: skip
+            except PromptError as e:  # fail this stream once, not every step
+                s.finish(State.FAILED, str(e))
+                self.stats.failed += 1
+                continue
+            if picked and tokens + len(pre.slots) > self.prefill_tokens_per_step:
+                break
+            picked.append((s, pre))
+            tokens += len(pre.slots)
+        return picked
 
     def _prefill(self, batch: list[tuple[Stream, Prefill]]) -> None:  # items: (stream, prefill)
         """Prefill new utterances together: one forward over [B, longest prompt]."""

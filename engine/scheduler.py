@@ -48,16 +48,11 @@ import numpy as np
 from engine.backend import Backend, ResolvedVoice, load_backend
 from engine.checkpoint import Checkpoint, load_checkpoint
 from engine.errors import EngineError, OverloadedError, VoiceError
-from engine.options import DEFAULT_CHUNK_SCHEDULE, StreamOptions, check_schedule
+from engine.options import DEFAULT_CHUNK_SCHEDULE, build_options, check_schedule
 from engine.phases import Phases, Work, work
 from engine.prompt import (
-    Prefill,
-    PromptError,
     TextMode,
-    build_prefill,
-    instruct_ids,
     prefill_needs,
-    resolve_language,
     role_ids,
 )
 from engine.sampling import SamplingParams
@@ -146,7 +141,6 @@ class Engine(Phases):
         self.samples_per_frame = self.checkpoint.codec.decoder.samples_per_frame
         self.sample_rate = self.checkpoint.codec.sample_rate
         self._role = role_ids(self.cfg, self.tokenizer.encode("assistant\n"))
-        self._newline = self.tokenizer.encode("\n")
         self.voice_book = Voices(self.cfg, self.tokenizer, self.backend, voices_db, self.sample_rate)
 
         self._cond = threading.Condition()
@@ -234,38 +228,13 @@ class Engine(Phases):
         are shared out between owners, so one owner cannot starve the others (None: its own)."""
         if self._closed:
             raise EngineError("the engine is closed")
-        if isinstance(voice, ResolvedVoice):
-            resolved = voice
-            voice_name = voice.spec.name if voice.spec else None
-        else:
-            voice_name = voice if voice is not None else self.default_voice()
-            resolved = self.resolve_voice(voice_name)
-        lang_id = resolve_language(self.cfg, language, resolved.spec)
-        params = sampling or SamplingParams.from_generation_config(self.checkpoint.generation)
-        if seed is not None:
-            params = params.with_overrides(seed=seed)
-        params.validate()
-        instruct = self._instruct_ids(instructions)
-        schedule = (
-            check_schedule(chunk_schedule) if chunk_schedule is not None else self.default_chunk_schedule
-        )
-        cap = self.checkpoint.generation.max_frames if max_frames is None else int(max_frames)
-        if cap <= 0:
-            raise EngineError(f"max_frames must be positive, got {max_frames}")
-        if text_mode not in ("streaming", "full"):
-            raise EngineError(f"text_mode must be 'streaming' or 'full', got {text_mode!r}")
-        options = StreamOptions(
-            voice_name=voice_name,
-            voice=resolved,
-            language=language,
-            lang_id=lang_id,
-            instruct=tuple(instruct) if instruct else None,
-            sampling=params,
-            chunk_schedule=schedule,
+        options = build_options(
+            self.cfg, self.checkpoint.generation, self.tokenizer, self.voice_book, voice=voice,
+            language=language, instructions=instructions, sampling=sampling, seed=seed,
+            chunk_schedule=chunk_schedule if chunk_schedule is not None else self.default_chunk_schedule,
             idle_flush_ms=idle_flush_ms if idle_flush_ms is not None else self.default_idle_flush_ms,
-            text_mode=text_mode,
-            max_frames=cap,
-        )
+            text_mode=text_mode, max_frames=max_frames,
+        )  # fmt: skip
         with self._cond:
             if len(self._queued) >= self.max_queued_streams:
                 self.stats.refused += 1
@@ -274,7 +243,7 @@ class Engine(Phases):
                 )
             stream = Stream(self._cond, self._next_id, options, TextCommitter(self.tokenizer))
             stream.engine_data = Work(
-                row_state=self.backend.new_row_state(params),
+                row_state=self.backend.new_row_state(options.sampling),
                 owner=owner if owner is not None else ("stream", stream.id),
             )
             self._next_id += 1
@@ -563,33 +532,6 @@ class Engine(Phases):
         s.finish(State.DONE)
         self.stats.completed += 1
 
-    def _pick_prefills(self) -> list[tuple[Stream, Prefill]]:
-        """Waiting streams whose utterance can start, with their prefill layouts, within this
-        step's token budget (always at least one, so a long prompt still gets its turn)."""
-        picked: list[tuple[Stream, Prefill]] = []
-        tokens = 0
-        # Streams still waiting for their first audio go first (sorted() is stable).
-        for s in sorted(self._active, key=lambda s: s.emitted_any):
-            if s.state is not State.WAITING or not self._startable(s):
-                continue
-            utt = s.utterances[0]
-            opts = s.options
-            try:
-                pre = build_prefill(
-                    self.cfg, role=self._role, instruct=list(opts.instruct) if opts.instruct else None,
-                    voice=opts.voice.spec, lang_id=opts.lang_id, queue=list(utt.ids), mode=opts.text_mode,
-                    text_complete=utt.complete,
-                )  # fmt: skip
-            except PromptError as e:  # fail this stream once, not every step
-                s.finish(State.FAILED, str(e))
-                self.stats.failed += 1
-                continue
-            if picked and tokens + len(pre.slots) > self.prefill_tokens_per_step:
-                break
-            picked.append((s, pre))
-            tokens += len(pre.slots)
-        return picked
-
     def _backlogged(self, s: Stream) -> bool:
         return s.queued_chunks >= self.max_queued_chunks
 
@@ -609,16 +551,6 @@ class Engine(Phases):
         elif w.stalled_since is None:
             w.stalled_since = now
         return ready
-
-    def _instruct_ids(self, instructions: str | None) -> list[int] | None:
-        if not instructions or not instructions.strip():
-            return None
-        cfg = self.cfg
-        if cfg.model_type == "base" or (cfg.model_type == "custom_voice" and cfg.model_size == "0b6"):
-            # The official wrappers drop instructions for these models (not trained with them).
-            log.info("instructions ignored: %s %s models take none", cfg.model_size, cfg.model_type)
-            return None
-        return instruct_ids(cfg, self.tokenizer.encode("user\n" + instructions), self._newline)
 
 
 def _stream_of(item: Any) -> Stream:

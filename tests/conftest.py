@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,19 @@ import pytest
 import torch
 
 from engine.text import TextTokenizer, write_tokenizer_files
+
+# Tests that hold for every backend take the `backend` fixture and run once per backend. In CI
+# (CI=true) a missing mlx fails those runs instead of skipping them: it is a dependency there.
+_MLX = importlib.util.find_spec("mlx") is not None or os.environ.get("CI") == "true"
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("mlx", id="mlx", marks=pytest.mark.skipif(not _MLX, reason="mlx is not installed")),
+]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The engine end to end on tiny checkpoints: the official package's output for the whole text,
 streamed text equal to whole text, batching equal to running alone, cancel, churn, bad use.
+Every test that holds for any backend runs once per backend (the `backend` fixture).
 
 Most tests drive `Engine.step()` by hand (no worker thread), which makes "text arrives between
 these two steps" exact and the tests deterministic.
@@ -8,6 +9,7 @@ these two steps" exact and the tests deterministic.
 from __future__ import annotations
 
 import gc
+import json
 import random
 import threading
 import time
@@ -18,11 +20,20 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.prompt import PromptError
-from engine.sampling import SamplingParams
-from engine.scheduler import Engine, EngineError, OverloadedError, VoiceError
-from engine.stream import AudioChunk, State, Stream, StreamClosedError
+from engine import (
+    AudioChunk,
+    CheckpointError,
+    Engine,
+    EngineError,
+    OverloadedError,
+    PromptError,
+    SamplingParams,
+    State,
+    Stream,
+    StreamClosedError,
+    VoiceError,
+    load_checkpoint,
+)
 
 GREEDY = SamplingParams(temperature=0.0, subtalker_temperature=0.0)
 TEXT = "Hello, world. How are you today? I hope the weather is nice where you are."
@@ -58,8 +69,8 @@ def speak(
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_ckpt: Path) -> Engine:
-    e = Engine(str(tiny_ckpt), device="cpu", max_streams=4, start=False)
+def engine(tiny_ckpt: Path, backend: str) -> Engine:
+    e = Engine(str(tiny_ckpt), backend=backend, device="cpu", max_streams=4, start=False)
     yield e
     e.close()
 
@@ -142,9 +153,11 @@ def test_stall_does_not_feed_pad(engine: Engine) -> None:
     engine.step()
 
 
-def test_batch_equals_alone(engine: Engine) -> None:
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_batch_equals_alone(engine: Engine, sampling: str) -> None:
     """Streams with different texts, voices, languages and stalls, joining and leaving at random
-    steps, each produce exactly the codes they produce alone."""
+    steps, each produce exactly the codes they produce alone: greedy, and sampled with a seed
+    per stream (each row draws from its own generator, whatever its batch-mates do)."""
     texts = [
         ("ryan", "english", "Good morning! Your table for two is ready."),
         ("serena", "auto", "The quick brown fox jumps over the lazy dog, twice."),
@@ -153,8 +166,12 @@ def test_batch_equals_alone(engine: Engine) -> None:
         ("aiden", "auto", "Let's see how batching holds up when streams come and go at random."),
         ("ono_anna", "japanese", "A longer sentence to keep this stream busy for a while, please."),
     ]
+    params = {
+        i: GREEDY if sampling == "greedy" else SamplingParams(seed=100 + i, top_k=20)
+        for i in range(len(texts))
+    }
     alone = {
-        i: speak(engine, t, voice=v, language=lang, sampling=GREEDY, max_frames=30)[0]
+        i: speak(engine, t, voice=v, language=lang, sampling=params[i], max_frames=30)[0]
         for i, (v, lang, t) in enumerate(texts)
     }
     rng = random.Random(11)
@@ -165,7 +182,7 @@ def test_batch_equals_alone(engine: Engine) -> None:
     while len(streams) < len(texts) or not all(s.finished for s in streams.values()):
         for i, (v, lang, _) in enumerate(texts):
             if i not in streams and step >= start_at[i]:
-                streams[i] = engine.open_stream(voice=v, language=lang, sampling=GREEDY, max_frames=30)
+                streams[i] = engine.open_stream(voice=v, language=lang, sampling=params[i], max_frames=30)
             if i in streams and plans[i] and rng.random() < 0.4:
                 streams[i].push_text(plans[i].pop(0))
                 if not plans[i]:
@@ -207,8 +224,36 @@ def test_chunk_schedule(engine: Engine) -> None:
     assert sum(sizes) == 20
 
 
-def test_cancel_stops_delivery_and_frees_slot(tiny_ckpt: Path) -> None:
-    eng = Engine(str(tiny_ckpt), device="cpu", max_streams=2)  # worker thread running
+def test_cancel_inside_a_step_delivers_nothing_more(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel that lands while the worker is mid-step (here: while the codec decodes the
+    stream's chunk) wins: the chunk being decoded is dropped, not queued behind the end."""
+    s = engine.open_stream(voice="ryan", sampling=GREEDY, max_frames=40, chunk_schedule=[1])
+    s.push_text(TEXT)
+    s.end()
+    while s.queued_chunks == 0:
+        engine.step()
+    decode = engine.backend.decode
+
+    def decode_then_cancel(rows: Any, codes: Any) -> Any:
+        out = decode(rows, codes)
+        s.cancel()  # the client barges in while this chunk is being decoded
+        return out
+
+    monkeypatch.setattr(engine.backend, "decode", decode_then_cancel)
+    engine.step()
+    monkeypatch.undo()
+    for _ in range(5):
+        engine.step()
+    assert s.state is State.CANCELLED
+    # After cancel() only the end marker is queued: a chunk delivered after it would sit behind.
+    assert s.queued_chunks == 1, "a chunk was delivered after cancel()"
+    assert list(s.chunks(timeout=1)) == []
+    engine.step()
+    assert engine.active_streams == 0
+
+
+def test_cancel_stops_delivery_and_frees_slot(tiny_ckpt: Path, backend: str) -> None:
+    eng = Engine(str(tiny_ckpt), backend=backend, device="cpu", max_streams=2)  # worker thread running
     try:
         s = eng.open_stream(voice="ryan", sampling=GREEDY, max_frames=200, chunk_schedule=[1])
         s.push_text(TEXT)
@@ -246,10 +291,11 @@ def test_more_streams_than_slots_are_queued(engine: Engine) -> None:
     assert all(len(collect(s)[1]) == 3 * 1920 for s in streams)
 
 
-def test_churn_500_streams_no_leak(tiny_ckpt: Path) -> None:
+def test_churn_500_streams_no_leak(tiny_ckpt: Path, backend: str) -> None:
     """Open, feed and end or cancel 500 streams in random order under the worker thread: the
-    worker survives, every slot is released, memory stays flat, other audio is unchanged."""
-    eng = Engine(str(tiny_ckpt), device="cpu", max_streams=4, max_queued_streams=64)
+    worker survives, no stream fails, every slot is released, memory stays flat, other audio is
+    unchanged."""
+    eng = Engine(str(tiny_ckpt), backend=backend, device="cpu", max_streams=4, max_queued_streams=64)
     try:
         probe_ref = eng.synthesize(
             "A steady reference stream.", voice="serena", sampling=GREEDY, max_frames=8
@@ -257,6 +303,7 @@ def test_churn_500_streams_no_leak(tiny_ckpt: Path) -> None:
         rng = random.Random(3)
         rss = []
         pending: list[Stream] = []
+        every: list[Stream] = []
         for i in range(500):
             while True:  # a well-behaved client backs off when the engine says it is overloaded
                 try:
@@ -268,6 +315,7 @@ def test_churn_500_streams_no_leak(tiny_ckpt: Path) -> None:
                 except OverloadedError:
                     time.sleep(0.01)
             pending.append(s)
+            every.append(s)
             s.push_text(rng.choice(["Hi.", "Hello there.", "One, two."]))
             action = rng.random()
             if action < 0.4:
@@ -290,6 +338,9 @@ def test_churn_500_streams_no_leak(tiny_ckpt: Path) -> None:
         while (eng.active_streams or eng.queued_streams) and time.time() < deadline:
             time.sleep(0.05)
         assert eng.active_streams == 0 and eng.queued_streams == 0
+        failed = [s for s in every if s.state is State.FAILED]
+        assert not failed and eng.stats.failed == 0, f"streams failed: {[(s.id, s.error) for s in failed]}"
+        assert all(s.finished for s in every)
         assert sorted(eng._free_codec_rows) == list(range(eng.max_streams))
         assert rss[-1] - rss[0] < 100, f"memory grew: {rss}"
         probe = eng.synthesize("A steady reference stream.", voice="serena", sampling=GREEDY, max_frames=8)
@@ -448,5 +499,59 @@ def test_random_spec_ends_utterances_after_the_text() -> None:
             last = [c for c in s.chunks(timeout=5) if c.last_in_utterance]
             tokens = len(eng.tokenizer.encode(text))
             assert last[0].end_reason == "eos" and tokens <= s.metrics.frames <= tokens + 3
+    finally:
+        eng.close()
+
+
+@pytest.fixture(scope="module")
+def eos_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose weights end an utterance by EOS after its text (as the random:*
+    specs do), on disk in the official layout so the official package loads it too."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.config import ModelConfig
+    from engine.torch.model import Talker
+    from engine.torch.weights import end_after_text_, write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path_factory.mktemp("tiny-eos"), "tiny", "custom_voice", seed=4)
+    tensors = load_file(str(path / "model.safetensors"))
+    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    talker = Talker(cfg.talker)
+    talker.load_state_dict({k[len("talker.") :]: v for k, v in tensors.items() if k.startswith("talker.")})
+    end_after_text_(talker, cfg)
+    tensors |= {f"talker.{k}": v.contiguous() for k, v in talker.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_eos_ended_utterances_match_official(eos_ckpt: Path, backend: str) -> None:
+    """Utterances that end by EOS (not the frame cap) have the official package's codes, for
+    texts of several lengths: the EOS rule (blocked for 2 tokens, then allowed) and the tts_eos /
+    tts_pad feed after the text are the official ones."""
+    from oracle import qwen_tts
+
+    qwen_tts()
+    from qwen_tts import Qwen3TTSModel
+
+    official = Qwen3TTSModel.from_pretrained(str(eos_ckpt), device_map="cpu", dtype=torch.float32)
+    eng = Engine(str(eos_ckpt), backend=backend, device="cpu", max_streams=2, start=False)
+    try:
+        for text in ("Hi.", "A somewhat longer sentence, so this utterance runs for longer."):
+            ids = eng.tokenizer.encode(text)
+            template = torch.tensor([[151644, 77091, 198, *ids, 151645, 198, 151644, 77091, 198]])
+            with torch.no_grad():
+                ref = official.model.generate(
+                    input_ids=[template], languages=["english"], speakers=["ryan"], non_streaming_mode=False,
+                    do_sample=False, subtalker_dosample=False, max_new_tokens=200,
+                )[0][0]  # fmt: skip
+            assert 0 < ref.shape[0] < 150, "the official run did not end by EOS"
+            s = eng.open_stream(voice="ryan", language="english", sampling=GREEDY)
+            s.push_text(text)
+            s.end()
+            run_until_done(eng, [s])
+            chunks = list(s.chunks(timeout=5))
+            codes = np.concatenate([c.codes for c in chunks if c.frames])
+            assert [c.end_reason for c in chunks if c.last_in_utterance] == ["eos"]
+            np.testing.assert_array_equal(codes, ref.numpy())
     finally:
         eng.close()

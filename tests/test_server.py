@@ -22,7 +22,7 @@ import torch
 import uvicorn
 import websockets
 
-from engine.scheduler import Engine
+from engine import Engine
 from realtime.app import ServerSettings, create_app, uvicorn_config
 from realtime.protocol import Limits
 
@@ -57,6 +57,18 @@ def serve_app(
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path) -> Iterator[Server]:
     engine = Engine(str(tiny_ckpt), device="cpu", max_streams=4)
+    app = create_app(ServerSettings(model="tiny-test", limits=Limits(max_contexts=4)), engine=engine)
+    srv, thread, port = serve_app(app)
+    yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/tts/stream", engine)
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def each_backend(tiny_ckpt: Path, backend: str) -> Iterator[Server]:
+    """A server per backend, for the tests where the backend matters (audio, cancel, health)."""
+    engine = Engine(str(tiny_ckpt), backend=backend, device="cpu", max_streams=4)
     app = create_app(ServerSettings(model="tiny-test", limits=Limits(max_contexts=4)), engine=engine)
     srv, thread, port = serve_app(app)
     yield Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/tts/stream", engine)
@@ -154,21 +166,27 @@ def check_stream_frames(frames: list[Frame], bytes_per_sample: int) -> int:
 # ---- the happy path --------------------------------------------------------------------------
 
 
-async def test_session_created_and_ping(server: Server) -> None:
+async def test_session_created_and_ping(each_backend: Server, backend: str) -> None:
+    server = each_backend
     async with websockets.connect(server.ws_url, subprotocols=["tts.v1"]) as ws:
         assert ws.subprotocol == "tts.v1"
         created = json.loads(await ws.recv())
         assert created["type"] == "session.created" and created["protocol"] == "tts.v1"
+        assert created["engine"] == {"backend": backend, "device": "cpu", "precision": "fp32"}
         assert created["audio"] == {"encoding": "pcm_s16le", "sample_rate": 24000, "channels": 1}
         assert "ryan" in created["voices"] and "english" in created["languages"]
         assert created["limits"]["max_contexts"] == 4
         await send(ws, type="ping", id=7)
         assert json.loads(await ws.recv()) == {"type": "pong", "id": 7}
+    async with httpx.AsyncClient() as client:
+        health = (await client.get(server.url + "/health")).json()
+    assert (health["status"], health["backend"], health["precision"]) == ("ok", backend, "fp32")
 
 
-async def test_streamed_deltas_give_official_audio(server: Server, official_tiny: Any) -> None:
+async def test_streamed_deltas_give_official_audio(each_backend: Server, official_tiny: Any) -> None:
     """Audio received for text streamed word by word equals (greedy, pcm_f32le) the official
-    package's audio for the whole text."""
+    package's audio for the whole text, on every backend."""
+    server = each_backend
     ws = await connect(server)
     await send(ws, type="session.update", voice="ryan", language="english",
                sampling={"temperature": 0}, output={"encoding": "pcm_f32le", "sample_rate": 24000})  # fmt: skip
@@ -276,7 +294,8 @@ async def test_ordering_marks_flush_and_two_contexts(server: Server) -> None:
     assert got.of("context.done", "a")[0]["metrics"]["utterances"] == 2
 
 
-async def test_cancel_then_no_audio(server: Server) -> None:
+async def test_cancel_then_no_audio(each_backend: Server) -> None:
+    server = each_backend
     ws = await connect(server)
     await send(ws, type="session.update", chunk_schedule=[1])
     await send(ws, type="text.append", context_id="c", text=TEXT)
