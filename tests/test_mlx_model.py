@@ -101,20 +101,27 @@ def test_random_spec_has_the_torch_backends_random_weights() -> None:
 # ---- teacher-forced logits ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("contiguous", [True, False], ids=["cpu-layout", "view-layout"])
-def test_teacher_forced_logits_match_torch(
-    ckpt: Checkpoint, tokenizer: TextTokenizer, contiguous: bool
-) -> None:
-    """Three prompts of different lengths prefilled into rows 3, 0 and 1 of 4 (one batch), then
-    steps on the span [0, 4) where row 2 is empty and, from step 3 on, row 1 sits out; at every
-    step the talker logits of each running row and the 15 code-predictor logits of its frame
-    match torch, both fed torch's greedy codes (teacher forcing). Both weight layouts: the CPU's
-    [in, out] copies and the transposed checkpoint views the GPU reads."""
+# (rows prefilled, in TEXTS order; the step span; a row that sits out from step 3; layout)
+FORCED = {
+    "single": ([2], (2, 3), None, True),
+    "batched": ([3, 0, 1], (0, 4), 1, True),
+    "batched-view-layout": ([3, 0, 1], (0, 4), 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(FORCED))
+def test_teacher_forced_logits_match_torch(ckpt: Checkpoint, tokenizer: TextTokenizer, case: str) -> None:
+    """Prompts of different lengths prefilled into arbitrary rows of 4 (one batch), then steps on
+    a span of rows (batched: [0, 4), where row 2 is empty and row 1 sits out from step 3); at
+    every step the talker logits of each running row and the 15 code-predictor logits of its
+    frame match torch, both fed torch's greedy codes (teacher forcing). The view layout is the
+    transposed checkpoint weights the GPU reads instead of the CPU's [in, out] copies."""
+    rows, (r0, r1), sits_out, contiguous = FORCED[case]
     cfg = ckpt.config.talker
     theirs = load_torch_talker(ckpt, torch.device("cpu"), torch.float32)
     ours = load_mlx_talker(ckpt, contiguous=contiguous)
-    rows = [3, 0, 1]
-    prompts = [_prefill_for(ckpt, tokenizer, t).slots for t in TEXTS]
+    n = len(rows)
+    prompts = [_prefill_for(ckpt, tokenizer, t).slots for t in TEXTS[:n]]
     with torch.no_grad():
         t_emb = [theirs.embed_slots(p)[0] for p in prompts]
     m_emb = [ours.embed_slots(p) for p in prompts]
@@ -122,25 +129,28 @@ def test_teacher_forced_logits_match_torch(
         close(a, b)
     lengths = [e.shape[0] for e in t_emb]
     p_max, hidden = max(lengths), t_emb[0].shape[-1]
-    x = torch.zeros(3, p_max, hidden)
+    x = torch.zeros(n, p_max, hidden)
     for i, e in enumerate(t_emb):
         x[i, : e.shape[0]] = e
-    pos = torch.arange(p_max).expand(3, -1)
+    pos = torch.arange(p_max).expand(n, -1)
     t_cache = tm.TalkerCache(cfg.transformer, 4, 64, torch.device("cpu"), torch.float32)
     m_cache = mm.TalkerCache(cfg.transformer, 4, 64, mx.float32)
     with torch.no_grad():
         th = theirs.forward_hidden(x, pos, tm.PrefillStore(t_cache, torch.tensor(rows)))
     mh = ours.forward_hidden(mx.array(x.numpy()), mx.array(pos.numpy()), m_cache.prefill(rows))
-    last_t = th[torch.arange(3), torch.tensor(lengths) - 1]
-    last_m = mh[mx.arange(3), mx.array(lengths) - 1]
+    last_t = th[torch.arange(n), torch.tensor(lengths) - 1]
+    last_m = mh[mx.arange(n), mx.array(lengths) - 1]
     close(last_t, last_m)
 
-    row_len = {r: n for r, n in zip(rows, lengths, strict=True)}
-    row_len[2] = 0
+    row_len = dict.fromkeys(range(4), 0) | dict(zip(rows, lengths, strict=True))
     hid_t = dict(zip(rows, last_t, strict=True))
     hid_m = {r: last_m[i] for i, r in enumerate(rows)}
+    text = torch.tensor([[cfg.text_vocab_size - 7]])
+    with torch.no_grad():
+        add_t = theirs.embed_text(text)[0]
+    add_m = ours.embed_text(mx.array(text.numpy()))[0]
     for step in range(6):
-        running = [3, 0] if step >= 3 else [3, 0, 1]
+        running = [r for r in rows if not (step >= 3 and r == sits_out)]
         # Talker logits of the pending codebook-0, then the frame (code predictor) per row.
         embeds_t, embeds_m = {}, {}
         for r in running:
@@ -149,23 +159,19 @@ def test_teacher_forced_logits_match_torch(
             close(t_logits, ours.codec_head(hid_m[r]))
             c0 = int(t_logits.argmax())
             embeds_t[r], embeds_m[r] = _frame_both(theirs, ours, hid_t[r], hid_m[r], c0)
-        # One talker step over the whole span [0, 4): rows not running are computed, discarded.
-        text = torch.tensor([[cfg.text_vocab_size - 7]])
+        # One talker step over the whole span: rows not running are computed and discarded.
+        xs = torch.zeros(r1 - r0, 1, hidden)
+        xs_m = mx.zeros((r1 - r0, 1, hidden))
+        for r in running:
+            xs[r - r0] = embeds_t[r] + add_t
+            xs_m[r - r0] = embeds_m[r] + add_m
+        lens = torch.tensor([[row_len[r]] for r in range(r0, r1)])
         with torch.no_grad():
-            add = theirs.embed_text(text)[0]
-        xs = torch.zeros(4, 1, hidden)
+            th = theirs.forward_hidden(xs, lens, t_cache.bind(slice(r0, r1), lens))
+        mh = ours.forward_hidden(xs_m, mx.array(lens.numpy()), m_cache.bind(r0, r1, lens.numpy()))
         for r in running:
-            xs[r] = embeds_t[r] + add
-        xs_m = mx.zeros((4, 1, hidden))
-        for r in running:
-            xs_m[r] = embeds_m[r] + ours.embed_text(mx.array(text.numpy()))[0]
-        lens = torch.tensor([[row_len[r]] for r in range(4)])
-        with torch.no_grad():
-            th = theirs.forward_hidden(xs, lens, t_cache.bind(slice(0, 4), lens))
-        mh = ours.forward_hidden(xs_m, mx.array(lens.numpy()), m_cache.bind(0, 4, lens.numpy()))
-        for r in running:
-            close(th[r, 0], mh[r, 0])
-            hid_t[r], hid_m[r] = th[r, 0], mh[r, 0]
+            close(th[r - r0, 0], mh[r - r0, 0])
+            hid_t[r], hid_m[r] = th[r - r0, 0], mh[r - r0, 0]
             row_len[r] += 1
 
 
@@ -486,8 +492,8 @@ def test_precision_and_device_choices(tiny: Checkpoint, tokenizer: TextTokenizer
 
 
 def test_codec_rows_and_icl_prime_through_the_backend(tiny: Checkpoint, tokenizer: TextTokenizer) -> None:
-    """An ICL prime given at prefill (before the codec has loaded) is heard before the row's first
-    frame; a later prefill into the same row resets it. Driven from a worker thread."""
+    """An ICL prime given at prefill is heard before the row's first frame; a later prefill into
+    the same row resets it. Driven from a worker thread (the codec rows were made in this one)."""
     from engine.mlx.codec import CodecStreams, load_codec_decoder
 
     rng = np.random.default_rng(3)

@@ -23,7 +23,7 @@ from engine.backend import BackendError, PrefillRow, StepRow
 from engine.checkpoint import Checkpoint
 from engine.mlx.model import TalkerCache
 from engine.mlx.sampler import RowRng, RowSampler, suppress_mask, talker_processors
-from engine.mlx.weights import DTYPES, load_talker
+from engine.mlx.weights import DTYPES, arrays_of, load_talker
 from engine.sampling import SamplingParams
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -86,10 +86,13 @@ class MlxBackend:
             self._suppress = suppress_mask(tcfg.vocab_size, tcfg.codec_eos_id)
             mx.eval(self._suppress)  # built here, used in the worker thread: see the module doc
         self._eos = tcfg.codec_eos_id
-        # The codec decoder loads on the first decode (engine.mlx.codec). Until then no row has
-        # history, so a reset is a no-op and an ICL prime is remembered here and replayed.
-        self._codec_streams: Any = None
-        self._pending_primes: dict[int, np.ndarray] = {}
+        # Imported here: the audio models are their own modules (engine.mlx.codec, ...). Loaded
+        # now so a bad codec file fails the start, not the first stream.
+        from engine.mlx.codec import CodecStreams, load_codec_decoder
+
+        with mx.stream(self.mx_device):
+            self.codec_streams = CodecStreams(load_codec_decoder(checkpoint, self.dtype), max_streams)
+            mx.eval(arrays_of(self.codec_streams))  # made in this thread, used in the worker's
         self._clone_lock = threading.Lock()
         self._clone_models: tuple[Any, Any] | None = None
 
@@ -133,10 +136,11 @@ class MlxBackend:
             seen = [np.zeros(self.cfg.talker.vocab_size, dtype=bool) for _ in items]
             c0 = self._sample_talker(states, last, seen, [True] * len(items))
         for it in items:
-            self._reset_codec(it.codec_row)
+            self.codec_streams.reset(it.codec_row)
             if it.voice.ref_codes is not None:
                 # ICL: the codec hears the reference first, as the official decode of ref+generated does.
-                self._prime_codec(it.codec_row, it.voice.ref_codes)
+                ref = mx.array(np.ascontiguousarray(it.voice.ref_codes.T, dtype=np.int32))  # [16, n_ref]
+                self.codec_streams.prime(it.codec_row, ref)
         for i, s in enumerate(states):
             s.seen, s.hidden, s.frame_embed = seen[i], last[i], None
             self._remember(s, c0[i])
@@ -203,41 +207,18 @@ class MlxBackend:
             assert state.seen is not None
             state.seen[c0] = True
 
-    # ---- codec --------------------------------------------------------------------------------
-
-    def _codec(self) -> Any:
-        if self._codec_streams is None:
-            from engine.mlx.codec import CodecStreams, load_codec_decoder
-
-            with mx.stream(self.mx_device):
-                streams = CodecStreams(load_codec_decoder(self.checkpoint, self.dtype), self.max_streams)
-                for row, ref in self._pending_primes.items():
-                    streams.prime(row, mx.array(np.ascontiguousarray(ref.T, dtype=np.int32)))
-            self._codec_streams, self._pending_primes = streams, {}
-        return self._codec_streams
-
-    def _reset_codec(self, row: int) -> None:
-        if self._codec_streams is None:
-            self._pending_primes.pop(row, None)
-        else:
-            self._codec_streams.reset(row)
-
-    def _prime_codec(self, row: int, ref_codes: np.ndarray) -> None:
-        """Feed an ICL reference (int [n_ref, 16]) through a codec row before its first frame."""
-        if self._codec_streams is None:
-            self._pending_primes[row] = ref_codes
-            return
-        with mx.stream(self.mx_device):
-            self._codec_streams.prime(row, mx.array(np.ascontiguousarray(ref_codes.T, dtype=np.int32)))
+    # ---- codec ----------------------------------------------------------------------------------
 
     def decode(self, codec_rows: Sequence[int], codes: np.ndarray) -> np.ndarray:
-        streams = self._codec()
         with mx.stream(self.mx_device):
-            out = streams.decode(list(codec_rows), mx.array(np.ascontiguousarray(codes, dtype=np.int32)))
+            out = self.codec_streams.decode(
+                list(codec_rows), mx.array(np.ascontiguousarray(codes, dtype=np.int32))
+            )
             return np.array(out.astype(mx.float32))
 
     def reset_codec_row(self, row: int) -> None:
-        self._reset_codec(row)
+        with mx.stream(self.mx_device):
+            self.codec_streams.reset(row)
 
     # ---- KV rows ------------------------------------------------------------------------------
 
