@@ -18,12 +18,13 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+import torch  # noqa: F401
 
 from engine.backend import BackendError, PrefillRow, StepRow
 from engine.checkpoint import Checkpoint
 from engine.mlx.model import TalkerCache
 from engine.mlx.sampler import RowRng, RowSampler, suppress_mask, talker_processors
-from engine.mlx.weights import DTYPES, arrays_of, load_talker
+from engine.mlx.weights import DTYPES, load_talker
 from engine.sampling import SamplingParams
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -91,8 +92,8 @@ class MlxBackend:
         from engine.mlx.codec import CodecStreams, load_codec_decoder
 
         with mx.stream(self.mx_device):
+            # (CodecStreams evaluates the row states it makes: they are safe to use from the worker.)
             self.codec_streams = CodecStreams(load_codec_decoder(checkpoint, self.dtype), max_streams)
-            mx.eval(arrays_of(self.codec_streams))  # made in this thread, used in the worker's
         self._clone_lock = threading.Lock()
         self._clone_models: tuple[Any, Any] | None = None
 

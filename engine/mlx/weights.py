@@ -132,13 +132,11 @@ def load_talker(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, *, contiguous: b
 
 
 def arrays_of(obj: object) -> list[mx.array]:
-    """Every mx.array held by `obj`, its attributes, lists, tuples and dicts, recursively."""
+    """Every mx.array held by `obj`, its attributes, lists and tuples, recursively."""
     if isinstance(obj, mx.array):
         return [obj]
     if isinstance(obj, (list, tuple)):
         return [a for item in obj for a in arrays_of(item)]
-    if isinstance(obj, dict):
-        return [a for item in obj.values() for a in arrays_of(item)]
     if hasattr(obj, "__dict__"):
         return [a for value in vars(obj).values() for a in arrays_of(value)]
     return []
