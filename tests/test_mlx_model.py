@@ -435,6 +435,19 @@ def test_restored_rng_replays_a_failed_phase(tiny: Checkpoint, tokenizer: TextTo
     assert not np.array_equal(drifted, first)
 
 
+def test_row_state_made_in_another_thread(tiny: Checkpoint, tokenizer: TextTokenizer) -> None:
+    """A stream's state is made where the stream opens (a transport's thread) and used by the
+    engine's worker; each phase may even run in a thread of its own."""
+    mlx = MlxBackend(tiny, max_streams=1, kv_capacity=64)
+    state = mlx.new_row_state(SEEDED)
+    pre = _prefill_for(tiny, tokenizer, TEXTS[0])
+    c0 = in_thread(lambda: mlx.prefill([PrefillRow(state, 0, 0, pre.slots, ResolvedVoice(spec=None))]))
+    frames = in_thread(lambda: mlx.predict_codes([state], c0))
+    assert frames.shape == (1, 16) and frames[0, 0] == c0[0]
+    step = StepRow(state, 0, tiny.config.tts_pad_id, block_eos=False)
+    assert len(in_thread(lambda: mlx.talker_step((0, 1), [len(pre.slots)], [step]))) == 1
+
+
 def test_move_and_grow_keep_the_cache(tiny: Checkpoint, tokenizer: TextTokenizer) -> None:
     """A stream moved to another row (compaction) and a grown cache step exactly as before."""
     jobs = [(2, TEXTS[1], GREEDY)]

@@ -18,7 +18,6 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-import torch  # noqa: F401
 
 from engine.backend import BackendError, PrefillRow, StepRow
 from engine.checkpoint import Checkpoint
