@@ -255,3 +255,22 @@ def test_real_weights_quality_report_passes(mode: str) -> None:
     codec_ref = load_codec_decoder(ckpt, CPU, torch.float32)
     report["codec"] = codec_report(codec_ref, load_codec_decoder(ckpt, CPU, plan.codec_dtype))  # type: ignore[assignment]
     assert all(passes(report).values()), report
+
+
+@needs_int8
+def test_int8_engine_streams_end_to_end() -> None:
+    """The whole engine in int8 (scheduler, int8 talker, codec in the plan's dtype): audio out."""
+    import numpy as np
+
+    from engine import Engine
+
+    with Engine("random:tiny", device="cpu", precision="int8", max_streams=2) as eng:
+        assert eng.describe()["precision"] == "int8"
+        streams = [eng.open_stream(seed=i, max_frames=6) for i in range(2)]
+        for s in streams:
+            s.push_text("Two streams at once, in int8.")
+            s.end()
+        audio = [s.read_all(timeout=300) for s in streams]
+    for s, a in zip(streams, audio, strict=True):
+        assert s.metrics.frames == 6
+        assert a.shape == (6 * eng.samples_per_frame,) and np.isfinite(a).all() and np.abs(a).max() > 0
