@@ -13,6 +13,7 @@ from engine.checkpoint import load_checkpoint
 from engine.cpu_features import CpuFeatures, cpu_features, parse_cpuinfo
 from engine.torch.model import FusedLinear
 from engine.torch.precision import (
+    INTENDED_CPU_AUTO_ORDER,
     PrecisionError,
     auto_cpu_precision,
     load_models,
@@ -47,7 +48,7 @@ XEON_AMX = CpuFeatures(
     "x86_64",
 )
 OLD_X86 = CpuFeatures("Pentium", frozenset(["sse2", "sse4_2"]), "DEFAULT", "x86_64")
-ALL_ORDERS = [("int8", "bf16", "fp32"), ("bf16", "int8", "fp32"), ("bf16", "fp32"), ("fp32",)]
+ALL_ORDERS = [INTENDED_CPU_AUTO_ORDER, ("bf16", "int8", "fp32"), ("bf16", "fp32"), ("fp32",)]
 GREEDY_FORCED_STEPS = 50  # x 4 rows = 200 codebook-0 predictions
 
 
@@ -76,7 +77,7 @@ def test_avx2_only_cpu_never_selects_bf16(order: tuple[str, ...]) -> None:
 
 
 def test_auto_prefers_int8_then_native_bf16_then_fp32() -> None:
-    order = ("int8", "bf16", "fp32")
+    order = INTENDED_CPU_AUTO_ORDER
     assert auto_cpu_precision(XEON_AMX, order) == "int8"
     assert auto_cpu_precision(EPYC_AVX2, order) == "int8"
     assert auto_cpu_precision(OLD_X86, order) == "fp32"  # no quantized engine, no bf16
