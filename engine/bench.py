@@ -221,8 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official-frames", type=int, default=8, help="frames per official timing run")
     p.add_argument("--no-quality", action="store_true", help="skip the quality report")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--compare",
+        default=None,
+        choices=["fp32", "bf16", "int8"],
+        help="also run the engine in this precision",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    logging.getLogger("engine").setLevel(logging.WARNING)  # per-stream notices would drown the table
     from engine import Engine
 
     if args.threads:
@@ -240,14 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: dict[str, Any] = {"machine": info, "engine": [], "official": []}
     try:
-        for b in batches:
-            r = bench_engine(engine, b, args.frames, args.repeats)
-            results["engine"].append(r)
-            print(
-                f"engine   {b} stream(s): {r['frames_per_s']:7.2f} frames/s, {r['ms_per_frame_per_stream']:7.1f} "
-                f"ms per 80 ms frame (RTF {r['rtf']:.2f}), first audio p50 {r['first_audio_ms_p50']} "
-                f"p95 {r['first_audio_ms_p95']} ms"
-            )
+        results["engine"] = _engine_rows(engine, batches, args)
         base = results["engine"][0]["frames_per_s"]
         results["scaling"] = {
             f"batch{e['batch']}_vs_batch1": round(e["frames_per_s"] / base, 2) for e in results["engine"]
@@ -262,10 +262,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"         codec {q['codec']}  passes {q['passes']}")
     finally:
         engine.close()
+    if args.compare and args.compare != results["machine"]["precision"]:
+        # Another precision on the same machine in the same run: the ratio is what to trust.
+        with Engine(ckpt, device=args.device, precision=args.compare, max_streams=max(batches)) as other:
+            rows = _engine_rows(other, batches, args)
+        results["compare"] = {"precision": args.compare, "engine": rows}
+        results["speedup_vs_" + args.compare] = {
+            f"batch{a['batch']}": round(a["frames_per_s"] / b["frames_per_s"], 2)
+            for a, b in zip(results["engine"], rows, strict=True)
+        }
+        print(f"speedup vs {args.compare}: {results['speedup_vs_' + args.compare]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def _engine_rows(engine: Any, batches: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for b in batches:
+        r = {"precision": engine.precision, **bench_engine(engine, b, args.frames, args.repeats)}
+        rows.append(r)
+        print(
+            f"engine   {engine.precision} {b} stream(s): {r['frames_per_s']:7.2f} frames/s, "
+            f"{r['ms_per_frame_per_stream']:7.1f} ms per 80 ms frame (RTF {r['rtf']:.2f}), "
+            f"first audio p50 {r['first_audio_ms_p50']} p95 {r['first_audio_ms_p95']} ms"
+        )
+    return rows
 
 
 def _official(

@@ -28,7 +28,8 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 
 def test_fp32_bench_measures_streams_end_to_end(tmp_path: Path) -> None:
-    r = _run(tmp_path, "--precision", "fp32", "--batches", "1,2", "--no-official")
+    other = "int8" if cpu_features().quantized_engine else "fp32"  # fp32: no second run
+    r = _run(tmp_path, "--precision", "fp32", "--batches", "1,2", "--no-official", "--compare", other)
     m = r["machine"]
     assert m["precision"] == "fp32" and m["threads"] >= 1 and m["cpu"]
     assert m["cpu_features"] == cpu_features().summary()["flags"]
@@ -44,6 +45,13 @@ def test_fp32_bench_measures_streams_end_to_end(tmp_path: Path) -> None:
         )
     assert set(r["scaling"]) == {"batch1_vs_batch1", "batch2_vs_batch1"}
     assert "quality" not in r  # fp32 is the reference itself
+    if other == "fp32":
+        assert "compare" not in r
+        return
+    # The other precision, same run, same measurement
+    assert r["compare"]["precision"] == "int8"
+    assert [e["frames_per_stream"] for e in r["compare"]["engine"]] == [6, 6]
+    assert set(r["speedup_vs_int8"]) == {"batch1", "batch2"}
 
 
 @pytest.mark.oracle
