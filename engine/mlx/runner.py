@@ -135,6 +135,7 @@ class MlxBackend:
             states = [it.state for it in items]
             seen = [np.zeros(self.cfg.talker.vocab_size, dtype=bool) for _ in items]
             c0 = self._sample_talker(states, last, seen, [True] * len(items))
+            hidden = _rows(last)
         for it in items:
             self.codec_streams.reset(it.codec_row)
             if it.voice.ref_codes is not None:
@@ -142,7 +143,7 @@ class MlxBackend:
                 ref = mx.array(np.ascontiguousarray(it.voice.ref_codes.T, dtype=np.int32))  # [16, n_ref]
                 self.codec_streams.prime(it.codec_row, ref)
         for i, s in enumerate(states):
-            s.seen, s.hidden, s.frame_embed = seen[i], last[i], None
+            s.seen, s.hidden, s.frame_embed = seen[i], hidden[i], None
             self._remember(s, c0[i])
         return c0
 
@@ -161,8 +162,9 @@ class MlxBackend:
             frame_embed = mx.concatenate((e0[:, None], embs), axis=1).sum(1)  # [B, H]: as the official sums
             frames = mx.concatenate((c0_a[:, None], codes.astype(mx.int32)), axis=1)  # [B, 16]
             mx.eval(frames, frame_embed, sampler.keys())
+            embeds = _rows(frame_embed)
         for i, s in enumerate(states):
-            s.frame_embed, s.hidden = frame_embed[i], None
+            s.frame_embed, s.hidden = embeds[i], None
         return np.array(frames).astype(np.int64)
 
     def talker_step(
@@ -181,8 +183,9 @@ class MlxBackend:
             h_rows = h[sel, 0]  # [B, H]
             seen = [s.seen for s in states]
             c0 = self._sample_talker(states, h_rows, seen, [it.block_eos for it in items])  # type: ignore[arg-type]
+            hidden = _rows(h_rows)
         for i, s in enumerate(states):
-            s.hidden, s.frame_embed = h_rows[i], None
+            s.hidden, s.frame_embed = hidden[i], None
             self._remember(s, c0[i])
         return c0
 
@@ -255,6 +258,14 @@ class MlxBackend:
                         load_codec_encoder(self.checkpoint),
                     )
             return self._clone_models
+
+
+def _rows(batch: mx.array) -> list[mx.array]:
+    """The rows of an evaluated [B, ...] array, each evaluated: a row state outlives the phase
+    and the thread (a lazy slice can only be evaluated in the thread that made it)."""
+    rows = [batch[i] for i in range(batch.shape[0])]
+    mx.eval(rows)
+    return rows
 
 
 def _sub_params(p: SamplingParams) -> tuple[float, int, float]:
