@@ -98,6 +98,31 @@ def test_random_spec_has_the_torch_backends_random_weights() -> None:
     np.testing.assert_array_equal(np.array(layer.qkv)[:, : q.shape[0]].T, q)
 
 
+def test_bad_checkpoints_are_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A truncated file, a missing tensor and a wrong shape fail the load, naming the problem."""
+    import shutil
+
+    from engine.checkpoint import CheckpointError
+
+    state = {k: v for k, v in mx.load(str(tiny_ckpt / "model.safetensors")).items()}
+    cases = {
+        "truncated": None,
+        "missing": {k: v for k, v in state.items() if k != "talker.codec_head.weight"},
+        "shape": state | {"talker.codec_head.weight": state["talker.codec_head.weight"][:-1]},
+    }
+    words = {"truncated": "unreadable", "missing": "missing", "shape": "shape"}
+    for name, tensors in cases.items():
+        d = tmp_path / name
+        shutil.copytree(tiny_ckpt, d)
+        if tensors is None:
+            data = (d / "model.safetensors").read_bytes()
+            (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+        else:
+            mx.save_safetensors(str(d / "model.safetensors"), tensors)
+        with pytest.raises(CheckpointError, match=words[name]):
+            load_mlx_talker(read_checkpoint_dir(d))
+
+
 # ---- teacher-forced logits ----------------------------------------------------------------------
 
 
