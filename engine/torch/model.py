@@ -143,19 +143,37 @@ class Attention(nn.Module):
         """Inference form: q/k/v as one product (the separate weights are dropped)."""
         self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj], groups)
         del self.q_proj, self.k_proj, self.v_proj
+        if self.q_norm.eps != self.k_norm.eps:
+            raise ValueError("q_norm and k_norm must share eps to run as one norm")
+        # The q and k norm gains per head, [Hq + Hkv, D], for the one-pass norm in forward.
+        qk_weight = torch.cat(
+            (
+                self.q_norm.weight.detach().expand(self.num_heads, -1),
+                self.k_norm.weight.detach().expand(self.num_kv_heads, -1),
+            )
+        )
+        self.register_buffer("qk_norm_weight", qk_weight, persistent=False)
         self.o_proj = FusedLinear([self.o_proj], groups)  # type: ignore[assignment]
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv: KVStore, layer: int) -> Tensor:
         b, t, _ = x.shape
-        if hasattr(self, "qkv"):
-            q, k, v = self.qkv.split(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H*, T, D]
+        if hasattr(self, "qkv"):
+            # Inference form: q and k heads normalized and rotated in one pass each (half the
+            # small ops of a decode step). Per element the same products as below: every head's
+            # norm reduces over its own D values and scales by its own weight row.
+            heads = self.qkv(x).view(b, t, hq + 2 * hkv, d)
+            qk = F.rms_norm(heads[:, :, : hq + hkv].float(), (d,), eps=self.q_norm.eps)
+            qk = self.qk_norm_weight * qk.to(x.dtype)  # [B, T, Hq + Hkv, D]
+            qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))
+            q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+            v = heads[:, :, hq + hkv :].transpose(1, 2)
+        else:
+            q = self.q_norm(self.q_proj(x).view(b, t, hq, d)).transpose(1, 2)
+            k = self.k_norm(self.k_proj(x).view(b, t, hkv, d)).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H*, T, D]
         keys, values, mask = kv.update(layer, k, v)
         out = attend(q, keys, values, mask)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
