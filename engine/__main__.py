@@ -40,7 +40,10 @@ def _synth_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch: cpu|cuda (default cuda when available); mlx: cpu|gpu"
     )
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto", help="fp32 is exact"
+        "--precision",
+        choices=["auto", "fp32", "bf16", "int8"],
+        default=None,
+        help="fp32 is exact against the official package (default: $TTS_PRECISION, else auto)",
     )
     return p
 

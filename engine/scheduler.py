@@ -37,6 +37,7 @@ being read, however long the client pauses); such an utterance ends with reason 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -75,6 +76,7 @@ class Engine(Phases):
         device: where the backend runs (torch: cuda if present, else cpu; mlx: gpu if present).
         precision: "fp32" (exact against the official package), "bf16", "int8" or "auto" (the
             fastest mode this device and CPU run well; see the backend's precision module).
+            None: the TTS_PRECISION environment variable, else "auto".
         dtype: the older spelling of precision for torch (torch.float32 / torch.bfloat16).
         max_streams: KV-cache rows, i.e. streams generating at the same time.
         max_queued_streams: streams waiting for a row; more are refused with OverloadedError.
@@ -100,7 +102,7 @@ class Engine(Phases):
         *,
         backend: str | None = None,
         device: str | None = None,
-        precision: str = "auto",
+        precision: str | None = None,
         dtype: Any = None,
         max_streams: int = 8,
         max_queued_streams: int = 256,
@@ -119,6 +121,7 @@ class Engine(Phases):
             raise EngineError(
                 "the frame budget needs budget_frames_per_token > 0 and budget_base_frames >= 0"
             )
+        precision = precision or os.environ.get("TTS_PRECISION") or "auto"
         self.checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.cfg = self.checkpoint.config
         self.tokenizer = TextTokenizer.from_dir(self.checkpoint.tokenizer_dir)

@@ -58,7 +58,7 @@ class ServerSettings:
     model: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
     device: str | None = None
     backend: str | None = None  # "torch" | "mlx" | None: the platform's default
-    precision: str = "auto"  # "fp32" | "bf16" | "int8" | "auto"
+    precision: str | None = None  # "fp32" | "bf16" | "int8" | "auto"; None: $TTS_PRECISION or auto
     api_key: str | None = None
     max_sessions: int = 64
     max_streams: int = 8  # streams generating at once (the engine's batch rows)

@@ -26,9 +26,9 @@ def _serve(argv: list[str]) -> int:
         "--device", default=None, help="torch: cpu|cuda[:N] (default cuda when available); mlx: cpu|gpu"
     )
     p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+        "--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
         help="fp32 is exact against the official package; auto picks the fastest mode that passes its "
-        "quality report on this device and CPU (default auto)",
+        "quality report on this device and CPU (default: $TTS_PRECISION, else auto)",
     )  # fmt: skip
     p.add_argument(
         "--api-key", default=os.environ.get("TTS_API_KEY"), help="require this bearer token (env TTS_API_KEY)"

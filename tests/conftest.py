@@ -12,6 +12,10 @@ import torch
 
 from engine.text import TextTokenizer, write_tokenizer_files
 
+# Exactness tests compare with the official package in fp32: every engine a test builds (and
+# every server or CLI it starts in a subprocess) runs fp32 unless it asks for a precision.
+os.environ.setdefault("TTS_PRECISION", "fp32")
+
 # Tests that hold for every backend take the `backend` fixture and run once per backend. In CI
 # (CI=true) a missing mlx fails those runs instead of skipping them: it is a dependency there.
 _MLX = importlib.util.find_spec("mlx") is not None or os.environ.get("CI") == "true"

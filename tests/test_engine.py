@@ -555,3 +555,15 @@ def test_eos_ended_utterances_match_official(eos_ckpt: Path, backend: str) -> No
             np.testing.assert_array_equal(codes, ref.numpy())
     finally:
         eng.close()
+
+
+def test_precision_from_argument_or_environment(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit precision wins; without one the engine reads TTS_PRECISION (how a deployment
+    or this test suite pins a mode for every engine it starts), else auto."""
+    monkeypatch.setenv("TTS_PRECISION", "bf16")
+    eng = Engine(str(tiny_ckpt), device="cpu", start=False)
+    assert eng.precision == "bf16" and eng.describe()["precision"] == "bf16"
+    eng.close()
+    eng = Engine(str(tiny_ckpt), device="cpu", precision="fp32", start=False)
+    assert eng.precision == "fp32"
+    eng.close()
