@@ -8,8 +8,9 @@ official package, with the precision's quality report. Everything in one run, on
   pushed -> first samples in the reader's hands) p50/p95 over every stream of every repeat.
   One warm-up run first; the figures are medians over `--repeats` runs.
 - official: `Qwen3TTSForConditionalGeneration.generate` on the same weights (fp32, its CPU
-  default) at each batch size it is compared at (it takes lists), per frame from the difference
-  of two lengths (its prefill drops out), warmed up, median of repeats; and its decode per frame.
+  default) at each batch size ours runs (it takes lists), per frame from the difference of two
+  lengths (its prefill drops out), warmed up, one timing after each of our timed runs (so both
+  sides see the same machine load), median.
 - quality: for a non-fp32 precision, `engine.torch.quality` against an fp32 copy of the same
   weights (teacher-forced talker and code predictor logits, codec SNR) and the thresholds.
 - machine: CPU model, the features that steer kernel choice, torch's level, threads.
@@ -29,6 +30,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,9 +116,17 @@ def run_streams(engine: Any, batch: int, frames: int, seed: int = 0) -> dict[str
     return {"wall_ms": wall, "frames": total, "first_audio_ms": [f for f in first if f is not None]}
 
 
-def bench_engine(engine: Any, batch: int, frames: int, repeats: int) -> dict[str, Any]:
+def bench_engine(
+    engine: Any, batch: int, frames: int, repeats: int, between: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """`repeats` timed runs after one warm-up; `between` (the official timing) runs after each,
+    so both sides see the same machine load, interleaved, instead of one after the other."""
     run_streams(engine, batch, min(frames, 8), seed=1000)  # warm-up: allocations, kernel choice
-    runs = [run_streams(engine, batch, frames, seed=100 * r) for r in range(repeats)]
+    runs = []
+    for r in range(repeats):
+        runs.append(run_streams(engine, batch, frames, seed=100 * r))
+        if between is not None:
+            between()
     walls = [r["wall_ms"] for r in runs]
     wall = statistics.median(walls)
     n = statistics.median([r["frames"] for r in runs])
@@ -163,28 +173,32 @@ def official_model(ckpt: Checkpoint) -> Any:
     return model
 
 
-def official_generate_ms(engine: Any, model: Any, batch: int, frames: int, repeats: int) -> float:
-    """The official `generate` at `batch` texts: median ms per batched step (one frame each)."""
-    ids = engine.tokenizer.encode(TEXT)
-    template = torch.tensor([[*TEMPLATE, *ids, *TEMPLATE_END]])
-    speaker = engine.default_voice()
+class OfficialTimer:
+    """The official `generate` at `batch` texts: ms per batched step (one frame each), from the
+    difference of two lengths so its prefill drops out. `measure()` adds one sample."""
 
-    def run(n: int) -> tuple[float, int]:
+    def __init__(self, engine: Any, model: Any, batch: int, frames: int):
+        ids = engine.tokenizer.encode(TEXT)
+        self.template = torch.tensor([[*TEMPLATE, *ids, *TEMPLATE_END]])
+        self.speaker = engine.default_voice()
+        self.model, self.batch, self.frames = model, batch, frames
+        self.samples: list[float] = []
+        self._run(2)  # warm-up
+
+    def _run(self, n: int) -> tuple[float, int]:
+        b = self.batch
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            codes = model.generate(
-                input_ids=[template] * batch, languages=["auto"] * batch, speakers=[speaker] * batch,
+            codes = self.model.generate(
+                input_ids=[self.template] * b, languages=["auto"] * b, speakers=[self.speaker] * b,
                 non_streaming_mode=False, max_new_tokens=n + 1,
             )[0]  # fmt: skip
         return time.perf_counter() - t0, min(c.shape[0] for c in codes)
 
-    run(2)  # warm-up
-    per_step = []
-    for _ in range(repeats):
-        (t_short, f_short), (t_long, f_long) = run(2), run(2 + frames)
-        per_step.append((t_long - t_short) * 1000.0 / max(1, f_long - f_short))
-    return statistics.median(per_step)
+    def measure(self) -> None:
+        (t_short, f_short), (t_long, f_long) = self._run(2), self._run(2 + self.frames)
+        self.samples.append((t_long - t_short) * 1000.0 / max(1, f_long - f_short))
 
 
 # ---- quality ------------------------------------------------------------------------------------
@@ -247,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: dict[str, Any] = {"machine": info, "engine": [], "official": []}
     try:
-        results["engine"] = _engine_rows(engine, batches, args)
+        official = None if args.no_official else _official_model(ckpt)
+        results["engine"] = _engine_rows(engine, batches, args, official, results["official"])
         base = results["engine"][0]["frames_per_s"]
         results["scaling"] = {
             f"batch{e['batch']}_vs_batch1": round(e["frames_per_s"] / base, 2) for e in results["engine"]
         }
-        if not args.no_official:
-            _official(args, engine, ckpt, batches, results)
+        del official
         if not args.no_quality and engine.precision != "fp32" and info["backend"] == "torch":
             q = quality(engine, ckpt)
             results["quality"] = q
@@ -278,39 +292,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _engine_rows(engine: Any, batches: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _engine_rows(
+    engine: Any,
+    batches: list[int],
+    args: argparse.Namespace,
+    official: Any = None,
+    official_rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Ours at each batch size; with `official`, its `generate` at the same batch size, timed
+    between our repeats (appended to `official_rows`)."""
     rows = []
     for b in batches:
-        r = {"precision": engine.precision, **bench_engine(engine, b, args.frames, args.repeats)}
+        timer = OfficialTimer(engine, official, b, args.official_frames) if official is not None else None
+        r = {
+            "precision": engine.precision,
+            **bench_engine(engine, b, args.frames, args.repeats, timer.measure if timer else None),
+        }
         rows.append(r)
         print(
             f"engine   {engine.precision} {b} stream(s): {r['frames_per_s']:7.2f} frames/s, "
             f"{r['ms_per_frame_per_stream']:7.1f} ms per 80 ms frame (RTF {r['rtf']:.2f}), "
             f"first audio p50 {r['first_audio_ms_p50']} p95 {r['first_audio_ms_p95']} ms"
         )
+        if timer is not None and official_rows is not None:
+            ms = statistics.median(timer.samples)
+            row = {
+                "batch": b,
+                "generate_ms_per_step": round(ms, 1),
+                "runs": len(timer.samples),  # one after each of our timed runs
+                "frames_per_s": round(1000.0 * b / ms, 2),
+                # Ours includes prefill and the codec; theirs is generation alone (no audio).
+                "ours_speedup": round(r["frames_per_s"] / (1000.0 * b / ms), 2),
+                "ours_ms_per_frame_vs_official": round(r["ms_per_frame_per_stream"] / ms, 3),
+            }
+            official_rows.append(row)
+            print(
+                f"official generate, batch {b}: {ms:8.1f} ms/step ({row['frames_per_s']:.2f} frames/s), timed "
+                f"between ours -> the whole engine is {row['ours_speedup']:.2f}x faster"
+            )
     return rows
 
 
-def _official(
-    args: argparse.Namespace, engine: Any, ckpt: Checkpoint, batches: list[int], results: dict
-) -> None:
+def _official_model(ckpt: Checkpoint) -> Any:
     try:
-        model = official_model(ckpt)
+        return official_model(ckpt)
     except ImportError as e:
         print(f"official package unavailable: {e}")
-        return
-    for b in batches:
-        ms = official_generate_ms(engine, model, b, args.official_frames, args.repeats)
-        ours = next(e for e in results["engine"] if e["batch"] == b)
-        row = {
-            "batch": b,
-            "generate_ms_per_step": round(ms, 1),
-            "frames_per_s": round(1000.0 * b / ms, 2),
-            # Ours includes prefill and the codec; theirs is generation alone (no audio).
-            "ours_speedup": round(ours["frames_per_s"] / (1000.0 * b / ms), 2),
-        }
-        results["official"].append(row)
-        print(
-            f"official generate, batch {b}: {ms:8.1f} ms/step ({row['frames_per_s']:.2f} frames/s) -> the whole "
-            f"engine is {row['ours_speedup']:.2f}x faster"
-        )
+        return None

@@ -63,6 +63,7 @@ def test_int8_bench_has_official_rows_and_a_passing_quality_report(tmp_path: Pat
     assert [o["batch"] for o in r["official"]] == [1, 2]  # official measured at our batch sizes
     for o in r["official"]:
         assert o["generate_ms_per_step"] > 0 and o["ours_speedup"] > 0
+        assert o["runs"] == 2  # timed once after each of our 2 timed runs (interleaved)
     q = r["quality"]
     assert q["talker"]["count"] >= 200
     assert all(q["passes"].values()), q
