@@ -12,6 +12,10 @@ utterance (repetition penalty), the talker hidden that produced its pending code
 next talker input. A phase writes a row's state only after its last tensor operation, so a
 phase that raises leaves nothing behind and the scheduler can retry it row by row after
 rewinding the generators (`rng_states` / `restore_rng`).
+
+Threads: `new_row_state` runs in the thread that opens the stream, the phases in the engine's
+worker thread, `clone_encode` in its caller's thread. A row state must therefore be usable from
+any thread (MLX ties a not-yet-evaluated array to the thread that built it: evaluate first).
 """
 
 from __future__ import annotations
