@@ -14,7 +14,6 @@ state dict); the batch path and input validation are torch's own API.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from oracle import qwen_tts
 
 from engine.checkpoint import codec_config_dict
 from engine.config import SpeechTokenizerConfig
-from engine.torch.codec_encoder import CodecEncoder, MimiEncoderConfig
+from engine.torch.codec_encoder import CodecEncoder
 
 SR = 24000
 FRAME = 1920
@@ -388,21 +387,3 @@ def test_unsupported_config_raises_value_error() -> None:
         CodecEncoder(dict(base, codebook_dim=8))
     with pytest.raises(ValueError, match="num_codebooks"):
         CodecEncoder(base, num_codebooks=33)
-
-
-@needs_mlx
-@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "released"])
-@pytest.mark.parametrize("variant", [{}, *VARIANTS.values()])
-def test_mlx_config_copy_equals_torch_config(tiny: bool, variant: dict[str, Any]) -> None:
-    """engine/mlx/mimi_config.py is a torch-free copy of MimiEncoderConfig: it must not drift."""
-    from engine.mlx.mimi_config import MimiEncoderConfig as MlxMimiEncoderConfig
-
-    d = dict(codec_config_dict(tiny)["encoder_config"], **variant)
-    want = MimiEncoderConfig.from_dict(d)
-    got = MlxMimiEncoderConfig.from_dict(d)
-    assert dataclasses.asdict(got) == dataclasses.asdict(want)
-    assert (got.hop_length, got.downsample_kernel, got.samples_per_frame) == (
-        want.hop_length,
-        want.downsample_kernel,
-        want.samples_per_frame,
-    )

@@ -441,7 +441,7 @@ def test_load_audio_stops_decoding_past_the_limit_without_a_length(monkeypatch: 
     monkeypatch.setattr(
         sf.SoundFile, "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k)
     )
-    monkeypatch.setattr("engine.torch.speaker._BLOCK_SAMPLES", 16000)
+    monkeypatch.setattr("engine.audio._BLOCK_SAMPLES", 16000)
     _expect("too_long", "longer than 2 s", raw, max_seconds=2.0)
     assert len(reads) == 3  # 1 s blocks: the third passes 2 s
 
@@ -452,5 +452,5 @@ def test_load_audio_block_downmix_equals_whole_file_mean(monkeypatch: pytest.Mon
     raw = encode(x, 24000, "WAV", "FLOAT")
     whole = load_audio(raw)
     np.testing.assert_array_equal(whole, x.mean(axis=1, dtype=np.float32))
-    monkeypatch.setattr("engine.torch.speaker._BLOCK_SAMPLES", 3 * 777)  # many odd-sized blocks
+    monkeypatch.setattr("engine.audio._BLOCK_SAMPLES", 3 * 777)  # many odd-sized blocks
     np.testing.assert_array_equal(load_audio(raw), whole)

@@ -19,9 +19,9 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint
 from engine.config import SpeechTokenizerConfig
+from engine.mimi_config import MimiEncoderConfig
 from engine.mlx.audio_weights import Weights, checkpoint_weights, evaluate_arrays
 from engine.mlx.codec_layers import Linear, gelu
-from engine.mlx.mimi_config import MimiEncoderConfig
 
 
 def elu(x: mx.array) -> mx.array:

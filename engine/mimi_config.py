@@ -1,6 +1,5 @@
-"""The Mimi encoder's configuration, without any tensor library (the MLX encoder must not import
-torch). A verbatim copy of `engine.torch.codec_encoder.MimiEncoderConfig`, kept equal by
-tests/test_codec_encoder.py; it belongs in `engine/config.py`, imported by both backends."""
+"""The Mimi encoder's configuration (the speech tokenizer's `encoder_config`), shared by the
+torch and MLX codec encoders; no tensor library."""
 
 from __future__ import annotations
 
