@@ -123,8 +123,12 @@ def bench_engine(
     so both sides see the same machine load, interleaved, instead of one after the other."""
     run_streams(engine, batch, min(frames, 8), seed=1000)  # warm-up: allocations, kernel choice
     runs = []
+    phases: dict[str, float] = {}
     for r in range(repeats):
+        before = dict(engine.stats.phase_ms)
         runs.append(run_streams(engine, batch, frames, seed=100 * r))
+        for k, v in engine.stats.phase_ms.items():
+            phases[k] = phases.get(k, 0.0) + v - before.get(k, 0.0)
         if between is not None:
             between()
     walls = [r["wall_ms"] for r in runs]
@@ -142,6 +146,12 @@ def bench_engine(
         "first_audio_ms_p50": round(percentile(firsts, 50), 1) if firsts else None,
         "first_audio_ms_p95": round(percentile(firsts, 95), 1) if firsts else None,
         "wall_ms_runs": [round(w, 1) for w in walls],
+        # Where the worker's time went (its own phase timers), per frame of one stream; the
+        # headline figures above are wall time, not this sum.
+        "phase_ms_per_frame": {
+            k.lstrip("_"): round(v / sum(r["frames"] for r in runs) * batch, 1)
+            for k, v in sorted(phases.items())
+        },
     }
 
 

@@ -39,6 +39,8 @@ def test_fp32_bench_measures_streams_end_to_end(tmp_path: Path) -> None:
         assert e["frames_per_stream"] == 6
         assert len(e["wall_ms_runs"]) == 2
         assert 0 < e["first_audio_ms_p50"] <= e["first_audio_ms_p95"]
+        # Every phase ran inside the measured wall time: prefill, talker, predictor, codec.
+        assert {"prefill", "talker_step", "predict_codes", "decode_chunks"} <= set(e["phase_ms_per_frame"])
         # wall ms per 80 ms frame of each stream: the median run's wall over its 6 frames
         assert e["ms_per_frame_per_stream"] == pytest.approx(
             statistics.median(e["wall_ms_runs"]) / 6, rel=0.01
