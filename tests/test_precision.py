@@ -4,6 +4,7 @@ report against fp32 within the thresholds `auto` relies on (tiny random checkpoi
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -84,6 +85,14 @@ def test_auto_prefers_int8_then_native_bf16_then_fp32() -> None:
     assert auto_cpu_precision(XEON_AMX, ("bf16", "fp32")) == "bf16"
     with pytest.raises(PrecisionError, match="int8 needs a quantized engine"):
         plan_precision("int8", CPU, OLD_X86)
+
+
+def test_auto_on_a_cpu_resolves_by_features_with_the_default_order() -> None:
+    assert resolve_precision("auto", CPU, XEON_AMX) == "int8"
+    assert resolve_precision("auto", CPU, EPYC_AVX2) == "int8"
+    assert resolve_precision("auto", CPU, OLD_X86) == "fp32"
+    no_int8_but_bf16 = CpuFeatures("ARM", frozenset(["avx512_bf16"]), "DEFAULT", "riscv64")
+    assert resolve_precision("auto", CPU, no_int8_but_bf16) == "bf16"
 
 
 def test_native_bf16_cpu_runs_the_codec_in_bf16_and_the_int8_talker_in_fp32() -> None:
@@ -221,6 +230,9 @@ def test_backend_reports_its_precision_and_kernels() -> None:
     )
     d = b.describe()
     assert d["precision"] == "int8" and "int8" in d["kernels"]["talker"]
+    # No precision given: TTS_PRECISION (fp32 in this suite, tests/conftest.py), as Engine does.
+    plain = TorchBackend(load_checkpoint("random:tiny"), max_streams=1, kv_capacity=16, device="cpu")
+    assert plain.precision == os.environ.get("TTS_PRECISION", resolve_precision("auto", CPU))
     assert b.codec_streams.state["frames"].shape == (1,)
     assert next(b.codec.parameters()).dtype == plan_precision("int8", CPU).codec_dtype
 

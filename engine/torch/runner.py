@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,9 +44,11 @@ class TorchBackend:
         max_streams: int,
         kv_capacity: int,
         device: str | torch.device | None = None,
-        precision: str = "auto",
+        precision: str | None = None,
         dtype: torch.dtype | None = None,
     ):
+        # None: as Engine, the TTS_PRECISION environment variable (the test suite pins fp32), else auto.
+        precision = precision or os.environ.get("TTS_PRECISION") or "auto"
         self.checkpoint = checkpoint
         self.cfg = checkpoint.config
         self.torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
