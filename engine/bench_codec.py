@@ -41,9 +41,9 @@ def _timed(fn: Callable[[], object], repeat: int) -> float:
 def _official_decoder(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module | None:
     if importlib.util.find_spec("qwen_tts") is None:
         return None
-    from tests.oracle import qwen_tts  # the torchaudio stub; test-only dependency
+    from engine.official import import_official  # the torchaudio stub (MODEL.md §8)
 
-    qwen_tts()
+    import_official()
     from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
         Qwen3TTSTokenizerV2DecoderConfig,
     )

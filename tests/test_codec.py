@@ -33,6 +33,7 @@ import torch
 from oracle import qwen_tts
 
 import engine.torch.codec as codec
+import engine.torch.codec_layers as codec_layers
 from engine.checkpoint import codec_config_dict
 from engine.config import CodecDecoderConfig
 from engine.torch.codec import CodecDecoder, CodecStreams
@@ -348,10 +349,10 @@ def compute_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """Every kernel choice: oneDNN convs and plain linears only; GEMMs (grouped, im2col) for
     every conv and product; the last blocks cut into small time tiles."""
     if request.param == "plain":
-        monkeypatch.setattr(codec, "SKINNY_ROWS", 0)
+        monkeypatch.setattr(codec_layers, "SKINNY_ROWS", 0)
     elif request.param == "gemm":
-        monkeypatch.setattr(codec, "SKINNY_ROWS", 1 << 30)
-        monkeypatch.setattr(codec, "CONV_GEMM_MIN_WEIGHT", 0)
+        monkeypatch.setattr(codec_layers, "SKINNY_ROWS", 1 << 30)
+        monkeypatch.setattr(codec_layers, "CONV_GEMM_MIN_WEIGHT", 0)
     else:
         monkeypatch.setattr(codec, "TILE_ELEMENTS", 4000)
     return str(request.param)
