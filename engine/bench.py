@@ -236,6 +236,9 @@ def quality(engine: Any, ckpt: Checkpoint) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:0.6b")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "torch", "mlx"], help="default: the platform's"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     p.add_argument("--batches", default="1,4", help="comma-separated stream counts")
@@ -262,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     ckpt = load_checkpoint(args.model)
     t0 = time.perf_counter()
-    engine = Engine(ckpt, device=args.device, precision=args.precision, max_streams=max(batches))
+    backend = None if args.backend == "auto" else args.backend
+    engine = Engine(
+        ckpt, backend=backend, device=args.device, precision=args.precision, max_streams=max(batches)
+    )
     load_s = time.perf_counter() - t0
     info = {"model": args.model, **engine.describe(), "load_s": round(load_s, 1), **machine()}
     print(
@@ -288,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     if args.compare and args.compare != results["machine"]["precision"]:
         # Another precision on the same machine in the same run: the ratio is what to trust.
-        with Engine(ckpt, device=args.device, precision=args.compare, max_streams=max(batches)) as other:
+        with Engine(
+            ckpt, backend=backend, device=args.device, precision=args.compare, max_streams=max(batches)
+        ) as other:
             rows = _engine_rows(other, batches, args)
         results["compare"] = {"precision": args.compare, "engine": rows}
         results["speedup_vs_" + args.compare] = {

@@ -69,3 +69,11 @@ def test_int8_bench_has_official_rows_and_a_passing_quality_report(tmp_path: Pat
     q = r["quality"]
     assert q["talker"]["count"] >= 200
     assert all(q["passes"].values()), q
+
+
+def test_bench_runs_the_mlx_backend(tmp_path: Path) -> None:
+    """`python -m engine bench --backend mlx`: the same end-to-end measurement on MLX."""
+    pytest.importorskip("mlx.core")
+    r = _run(tmp_path, "--backend", "mlx", "--precision", "fp32", "--batches", "1", "--no-official")
+    assert (r["machine"]["backend"], r["machine"]["precision"]) == ("mlx", "fp32")
+    assert r["engine"][0]["frames_per_stream"] == 6 and r["engine"][0]["first_audio_ms_p50"] > 0
