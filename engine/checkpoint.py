@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,26 @@ class Checkpoint:
     def codec_weights_file(self) -> Path:
         assert self.path is not None
         return self.path / "speech_tokenizer" / "model.safetensors"
+
+
+def check_tensor_shapes(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], where: str
+) -> None:
+    """Refuse weights whose tensor names or shapes do not match the config (every backend's
+    loader checks the same way), naming the first few offenders."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:3])}"
+        )
+    for k, shape in found.items():
+        if tuple(shape) != tuple(expected[k]):
+            raise CheckpointError(
+                f"{where}: {k} has shape {tuple(shape)}, the config implies {tuple(expected[k])}"
+            )
 
 
 def load_checkpoint(spec: str, *, random_seed: int = 0) -> Checkpoint:

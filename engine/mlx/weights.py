@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from engine.checkpoint import Checkpoint, CheckpointError
+from engine.checkpoint import Checkpoint, CheckpointError, check_tensor_shapes
 from engine.config import TalkerConfig, TransformerConfig
 from engine.mlx.model import Talker
 
@@ -78,20 +78,7 @@ def read_prefixed(path: Path, prefix: str) -> dict[str, mx.array]:
 
 
 def check_tensors(state: dict[str, mx.array], expected: dict[str, tuple[int, ...]], where: str) -> None:
-    """Refuse a checkpoint whose tensors do not match the config, naming the first few offenders."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: {len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:3])}"
-        )
-    for k, t in state.items():
-        if tuple(t.shape) != expected[k]:
-            raise CheckpointError(
-                f"{where}: {k} has shape {tuple(t.shape)}, the config implies {expected[k]}"
-            )
+    check_tensor_shapes({k: tuple(t.shape) for k, t in state.items()}, expected, where)
 
 
 def _random_talker_tensors(ckpt: Checkpoint) -> dict[str, mx.array]:

@@ -17,7 +17,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.checkpoint import Checkpoint, CheckpointError, random_config_dicts, write_config_files
+from engine.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_tensor_shapes,
+    random_config_dicts,
+    write_config_files,
+)
 from engine.config import ModelConfig
 from engine.torch.model import Talker
 
@@ -36,20 +42,8 @@ def _read_prefixed(path: Path, prefix: str) -> dict[str, Tensor]:
 def _assign(
     module: nn.Module, state: dict[str, Tensor], where: str, dtype: torch.dtype, device: torch.device
 ) -> None:
-    expected = dict(module.state_dict(keep_vars=True))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: {len(unexpected)} unexpected tensors, e.g. {', '.join(unexpected[:3])}"
-        )
-    for k, t in state.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(
-                f"{where}: {k} has shape {tuple(t.shape)}, the config implies {tuple(expected[k].shape)}"
-            )
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    check_tensor_shapes({k: tuple(t.shape) for k, t in state.items()}, expected, where)
     # Floating tensors take the engine dtype; integer buffers (codebook flags) keep theirs.
     cast = {
         k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
