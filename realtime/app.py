@@ -35,7 +35,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from engine import CheckpointError, ConfigError, Engine, EngineError
+from engine import BackendError, CheckpointError, ConfigError, Engine, EngineError
 from realtime import protocol as P
 from realtime import voices_api
 from realtime.compat import openai as oa
@@ -122,7 +122,7 @@ class EngineHolder:
             self.engine = self._factory()
             self.loaded_at = time.time()
             log.info("model %s loaded", self.settings.model)
-        except (CheckpointError, ConfigError, EngineError, OSError) as e:
+        except (BackendError, CheckpointError, ConfigError, EngineError, OSError) as e:
             # A wrong path, a model missing offline, a corrupt checkpoint: one line says it all.
             log.error("cannot load model %s: %s", self.settings.model, " ".join(str(e).split()))
             self.error = f"{type(e).__name__}: {e}"

@@ -533,3 +533,24 @@ def test_health_is_503_while_loading(tiny_ckpt: Path) -> None:
         while client.get("/health").status_code != 200:
             assert time.time() < deadline
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"backend": "tpu"}, "unknown backend 'tpu'"), ({"precision": "int4"}, "unknown precision 'int4'")],
+)
+def test_a_backend_that_cannot_run_is_a_clean_load_error(
+    tiny_ckpt: Path, settings: dict[str, str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--backend / --precision values that cannot run here: /health says why in one line (no
+    traceback), and serve would exit 1."""
+    from starlette.testclient import TestClient
+
+    app = create_app(ServerSettings(model=str(tiny_ckpt), **settings))  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        deadline = time.time() + 60
+        while (r := client.get("/health")).status_code == 503:
+            assert time.time() < deadline
+            time.sleep(0.05)
+    assert r.status_code == 500 and message in r.json()["error"]
+    assert "Traceback" not in caplog.text

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.backend import BackendError
 from engine.checkpoint import Checkpoint
 from engine.cpu_features import CpuFeatures, cpu_features
 from engine.torch.codec import CodecDecoder
@@ -33,7 +34,7 @@ from engine.torch.model import Talker
 PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(BackendError, ValueError):
     """A precision this build or device cannot run."""
 
 
