@@ -75,7 +75,7 @@ def test_no_import_circle_in_engine() -> None:
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                cycle = [*path[path.index(dep):], dep] if dep in path else [node, dep]
+                cycle = [*path[path.index(dep) :], dep] if dep in path else [node, dep]
                 pytest.fail("import circle: " + " -> ".join(cycle))
             if dep not in state:
                 dfs(dep, [*path, dep])
