@@ -78,6 +78,44 @@ class Phases:
     def _startable(self, s: Stream) -> bool:  # defined by Engine
         raise NotImplementedError
 
+    # ---- running a phase ------------------------------------------------------------------------
+
+    def _guarded(self, items: list[Any], fn: Any) -> None:
+        """Run one batched phase over `items` (streams, or (stream, prefill) pairs).
+
+        If it raises, the failure is traced to its rows: every item is retried alone, with the
+        random generators rewound to where the batch found them (so the retry samples exactly
+        what the batched call would have), and only the items that fail alone are failed. A
+        phase writes stream state only after its last tensor op, and KV / codec state only at
+        positions a retry overwrites, so a failed batch leaves nothing behind.
+        """
+        states = [work(_stream_of(it)).row_state for it in items]
+        saved = self.backend.rng_states(states) if len(items) > 1 else []
+        t0 = time.perf_counter()
+        try:
+            fn(items)
+            self.stats.phase_ms[fn.__name__] = (
+                self.stats.phase_ms.get(fn.__name__, 0.0) + (time.perf_counter() - t0) * 1000.0
+            )
+            return
+        except Exception as e:
+            error = e
+        if len(items) > 1:
+            log.warning(
+                "engine phase %s failed for a batch of %d (%s); retrying row by row",
+                fn.__name__, len(items), type(error).__name__,
+            )  # fmt: skip
+            self.backend.restore_rng(states, saved)
+            for it in items:
+                if _stream_of(it).state in (State.RUNNING, State.WAITING):
+                    self._guarded([it], fn)
+            return
+        stream = _stream_of(items[0])
+        log.error("engine phase %s failed for stream %d", fn.__name__, stream.id, exc_info=error)
+        with self._cond:
+            stream.finish(State.FAILED, f"internal error while generating ({type(error).__name__})")
+            self.stats.failed += 1
+
     # ---- prefill --------------------------------------------------------------------------------
 
     def _pick_prefills(self) -> list[tuple[Stream, Prefill]]:
@@ -315,3 +353,7 @@ class Phases:
 
 def _has_more_text(s: Stream, current: Utterance) -> bool:
     return any(u is not current and (u.target_ids > 0 or u.complete) for u in s.utterances)
+
+
+def _stream_of(item: Any) -> Stream:
+    return item[0] if isinstance(item, tuple) else item
